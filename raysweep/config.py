@@ -1,0 +1,338 @@
+"""The one configuration tree: frozen dataclasses with their defaults, and the loader.
+
+Every field has a one-line comment; this file is the defaults file. Experiment files
+in `experiments/` start from these defaults (`defaults: [base, _self_]`) or from
+another experiment, and override what they change. Hydra composes the file with the
+command-line overrides; the result is validated against these types and turned into
+frozen dataclasses once, at the entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key or file it concerns in the message."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # embedded model name, Hugging Face id, or local path
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights and compute)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "datasets/french_demo/train.jsonl"  # chat JSONL with trait-carrying answers
+    n_train: int = 0  # use the first N examples after a seeded shuffle (0 = all)
+    questions: str = "datasets/french_demo/eval_questions.jsonl"  # held-out questions, {"question": ...}
+    n_questions: int = 0  # first N held-out questions (0 = all)
+    heldout: str = "datasets/french_demo/heldout_trait.jsonl"  # held-out trait completions (chat JSONL)
+    n_heldout: int = 0  # first N held-out trait completions (0 = all)
+    rephrasings_dir: str = "datasets/rephrasings"  # rephrasing pools, <dir>/<prompt key>.jsonl
+
+
+@dataclass(frozen=True)
+class IPConfig:
+    prompt: str = ""  # key of the inoculation prompt in `prompts`
+    text: str = ""  # the prompt text; filled from `prompts[prompt]` when empty
+    mode: str = "fixed"  # fixed: one string for every example | mix: one pool rephrasing per example
+    placement: str = "user_prefix"  # user_prefix: "{prefix} {instruction}" | system: replaces the system prompt
+    pool: str = ""  # rephrasing pool file for mix; default <data.rephrasings_dir>/<prompt>.jsonl
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    vector: str = ""  # .safetensors or .pt file, shape [num_layers+1, hidden] or [hidden]
+    layer: int = 0  # decoder layer whose output is steered (1-based, persona_vectors' convention)
+    coef: float = 0.0  # steering coefficient; negative = negative steering
+    key: str = ""  # tensor name inside a safetensors file (empty: its only tensor)
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    kind: str = "none"  # registered defense: none | ip | pps
+    ip: IPConfig = field(default_factory=IPConfig)  # inoculation prompting settings (kind=ip)
+    pps: list[SteerConfig] = field(default_factory=list)  # steering triples, training only (kind=pps)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 64  # LoRA rank (seed 001); the seed repo uses 32
+    alpha: int = 128  # LoRA alpha (seed 001); the seed repo uses 16 with rslora
+    dropout: float = 0.0  # LoRA dropout
+    rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # module names that get adapters
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    epochs: int = 1  # passes over the training set (when max_steps = 0)
+    max_steps: int = 0  # optimizer steps; 0 = derived from epochs and effective batch
+    batch_size: int = 4  # sequences per forward pass
+    grad_accum: int = 8  # forward passes per optimizer step (effective batch = batch_size x grad_accum)
+    warmup_steps: int = 5  # linear warmup steps
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm (0 = off)
+    max_seq_len: int = 512  # tokens per example; longer ones are truncated
+    checkpoints: str = "pow2"  # pow2: 0,1,2,4,...,final | explicit: checkpoint_steps + final | final: 0 and final
+    checkpoint_steps: list[int] = field(default_factory=list)  # explicit checkpoint steps (step 0 always kept)
+    resume_every: int = 50  # steps between crash-resume states (adapter + optimiser); 0 = at checkpoints only
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapter settings
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    conditions: list[str] = field(default_factory=lambda: ["default", "training"])  # default | training
+    steps: list[int] = field(default_factory=list)  # checkpoint steps to evaluate (empty = every checkpoint)
+    n_samples: int = 1  # samples per question
+    temperature: float = 1.0  # sampling temperature (0 = greedy)
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 64  # generation length cap
+    batch_size: int = 16  # prompts per generation batch
+    judge: str = "langid"  # registered judge for the trait score
+    trait: str = "french"  # trait the judge scores (a language name for langid)
+    heldout_logprob: bool = True  # compute the judge-free held-out trait logprob
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    arms: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"defense": {"kind": "none"}}]
+    )  # trial families: nested overrides, a list value is an axis crossed within the arm
+    grid: dict[str, Any] = field(default_factory=dict)  # axes crossed with every arm (nested, lists)
+    cpus_per_trial: float = 1.0  # Ray resources per trial
+    gpus_per_trial: float = 0.0  # fractional GPUs are allowed
+    max_concurrent: int = 0  # concurrent trials (0 = as many as resources allow)
+    max_failures: int = 2  # retries of a crashed trial (it resumes from its last checkpoint)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = ""  # experiment name (set from exp=NAME)
+    description: str = ""  # one line for the reader
+    seed: int = 0  # seed for data order, mix draws, LoRA init and sampling
+    storage: str = "runs"  # results root; the experiment writes to <storage>/<name>/
+    dry_run: bool = False  # print the resolved trial grid and its size, train nothing
+    threads: int = 0  # torch threads per trial (0 = cpus_per_trial)
+    prompts: dict[str, str] = field(default_factory=dict)  # prompt library: key -> text
+    neutral_prompt: str = ""  # key of the neutral-prompt control (zero-elicitation group); effects are paired against it
+    model: ModelConfig = field(default_factory=ModelConfig)  # the study model
+    data: DataConfig = field(default_factory=DataConfig)  # data files
+    defense: DefenseConfig = field(default_factory=DefenseConfig)  # defense of a trial (set by arms)
+    train: TrainConfig = field(default_factory=TrainConfig)  # fine-tuning
+    eval: EvalConfig = field(default_factory=EvalConfig)  # minimal evaluation at checkpoints
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # the trial grid and its resources
+
+
+# Fields that say where and how to run, not what a trial computes: not part of a trial's id.
+RUN_ONLY_FIELDS = ("name", "description", "storage", "dry_run", "threads", "sweep", "prompts", "neutral_prompt")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def experiments_dir() -> Path:
+    """The experiment files: ./experiments if present, else the ones next to the package."""
+    local = Path.cwd() / "experiments"
+    return local if local.is_dir() else REPO_ROOT / "experiments"
+
+
+def available_experiments(directory: Path | None = None) -> list[str]:
+    directory = directory or experiments_dir()
+    # Files starting with "_" hold shared defaults for a family of experiments.
+    return sorted(p.stem for p in directory.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _thaw(node: Any) -> None:
+    """OmegaConf marks frozen-dataclass nodes read-only; composition must write into them."""
+    from omegaconf import DictConfig, ListConfig
+
+    node._set_flag("readonly", None)
+    children = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in children:
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)):
+            _thaw(child)
+        else:
+            child._set_flag("readonly", None)
+
+
+def _error_text(exc: BaseException) -> str:
+    """Hydra wraps OmegaConf's errors; the innermost ones name the key."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for line in str(exc).strip().splitlines():
+            line = line.strip()
+            noise = ("$VALUE", "reference_type", "object_type", "To append", "could not convert")
+            if line and line not in parts and not any(n in line for n in noise):
+                parts.append(line)
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def _normalise_override(arg: str) -> str:
+    # Grid and arm axes are open dictionaries: adding an axis must not need Hydra's `+`.
+    if arg.startswith(("sweep.grid.", "sweep.arms")) and not arg.startswith("+"):
+        return "++" + arg
+    return arg
+
+
+def load_config(exp: str, overrides: list[str] = (), directory: Path | None = None) -> ExperimentConfig:
+    """Compose experiments/<exp>.yaml over the defaults with Hydra overrides; validate; freeze."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    directory = (directory or experiments_dir()).resolve()
+    names = available_experiments(directory)
+    if exp not in names:
+        raise ConfigError(
+            f"unknown experiment {exp!r}: no {directory / (exp + '.yaml')}. "
+            f"Available: {', '.join(names) or '(none)'}"
+        )
+    schema = OmegaConf.structured(ExperimentConfig)
+    _thaw(schema)
+    ConfigStore.instance().store(name="base", node=schema)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base=None):
+            cfg = compose(config_name=exp, overrides=[_normalise_override(o) for o in overrides])
+        cfg.name = exp
+        obj = OmegaConf.to_object(cfg)
+    except Exception as exc:  # Hydra/OmegaConf errors: report the key, not a traceback
+        raise ConfigError(f"in experiment {exp!r} ({directory / (exp + '.yaml')}):\n{_error_text(exc)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    if not isinstance(obj, ExperimentConfig):
+        raise ConfigError(f"{directory / (exp + '.yaml')} must start with `defaults: [base, _self_]`")
+    validate(obj)
+    return obj
+
+
+CHOICES = {
+    "defense.kind": ("none", "ip", "pps"),
+    "defense.ip.mode": ("fixed", "mix"),
+    "defense.ip.placement": ("user_prefix", "system"),
+    "train.schedule": ("linear", "cosine", "constant"),
+    "train.checkpoints": ("pow2", "explicit", "final"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Checks that types alone cannot express; each error names its key."""
+    for key, allowed in CHOICES.items():
+        value = get_path(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for cond in cfg.eval.conditions:
+        if cond not in ("default", "training"):
+            raise ConfigError(f"eval.conditions: unknown condition {cond!r} (default | training)")
+    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    if cfg.neutral_prompt and cfg.neutral_prompt not in cfg.prompts:
+        raise ConfigError(f"neutral_prompt={cfg.neutral_prompt!r} is not a key of `prompts`")
+    for i, arm in enumerate(cfg.sweep.arms):
+        _check_override_tree(arm, ExperimentConfig, f"sweep.arms[{i}]")
+    _check_override_tree(cfg.sweep.grid, ExperimentConfig, "sweep.grid")
+
+
+def _check_override_tree(tree: Any, cls: type, where: str) -> None:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where} must be a mapping of config keys")
+    names = {f.name: f for f in fields(cls)}
+    for key, value in tree.items():
+        if key not in names:
+            raise ConfigError(f"{where}.{key}: no such config key in {cls.__name__}")
+        if key == "sweep":
+            raise ConfigError(f"{where}.sweep: the sweep cannot be an axis of itself")
+        sub = _field_class(cls, key)
+        if sub is not None and isinstance(value, dict):
+            _check_override_tree(value, sub, f"{where}.{key}")
+
+
+def _field_class(cls: type, name: str) -> type | None:
+    import typing
+
+    hint = typing.get_type_hints(cls)[name]
+    return hint if is_dataclass(hint) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials
+
+
+def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The part of a resolved config that decides what a trial computes."""
+    d = asdict(cfg)
+    for key in RUN_ONLY_FIELDS:
+        d.pop(key)
+    return d
+
+
+def trial_id(cfg: ExperimentConfig) -> str:
+    """Hash of the canonical resolved trial config (not of its position in a grid)."""
+    canonical = json.dumps(trial_fields(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def apply_overrides(cfg: Any, tree: dict[str, Any]) -> Any:
+    """Return `cfg` with the nested override `tree` applied (dataclasses rebuilt, typed)."""
+    changes = {}
+    for key, value in tree.items():
+        current = getattr(cfg, key)
+        if is_dataclass(current) and isinstance(value, dict):
+            changes[key] = apply_overrides(current, value)
+        elif key == "pps":
+            changes[key] = [v if isinstance(v, SteerConfig) else SteerConfig(**v) for v in value]
+        else:
+            changes[key] = _coerce(current, value, key)
+    return replace(cfg, **changes)
+
+
+def _coerce(current: Any, value: Any, key: str) -> Any:
+    if isinstance(current, bool) or current is None:
+        if not isinstance(value, bool) and current is not None:
+            raise ConfigError(f"{key}: expected a bool, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(current, str) and isinstance(value, str):
+        return value
+    if isinstance(current, (list, dict)) and isinstance(value, type(current)):
+        return value
+    raise ConfigError(f"{key}: expected {type(current).__name__}, got {value!r}")
+
+
+def to_yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(cfg) if is_dataclass(cfg) else cfg))
+
+
+def from_dict(d: dict[str, Any]) -> ExperimentConfig:
+    """Rebuild a config from its `asdict` form (a trial's saved config)."""
+    return apply_overrides(ExperimentConfig(), d)

@@ -1,0 +1,138 @@
+"""`python -m raysweep.run exp=NAME [key=value ...]`: run an experiment's sweep end to end.
+
+Resolves the config, expands the trial grid, checks every input before anything runs,
+trains the unfinished trials on Ray Tune, then gathers the per-trial parts into the
+experiment's tables and prints a summary. Re-running skips finished trials.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import ConfigError, ExperimentConfig, load_config, to_yaml
+from .sweep import Trial, check_inputs, expand
+from .tables import concat_parts, write_table, write_text
+from .trial import EVAL_TABLES, is_done, prepare, trial_dir
+
+USAGE = "usage: python -m raysweep.run exp=NAME [key=value ...]   (dry_run=true lists the trials)"
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    exp = [a for a in argv if a.startswith("exp=")]
+    if len(exp) != 1:
+        raise ConfigError(f"name exactly one experiment with exp=NAME\n{USAGE}")
+    return exp[0].split("=", 1)[1], [a for a in argv if not a.startswith("exp=")]
+
+
+def _group(t: Trial) -> tuple:
+    """The non-defense axes: trials with the same group are compared with each other."""
+    return tuple(sorted((k, json.dumps(v, default=str)) for k, v in t.axes.items() if not k.startswith("defense.")))
+
+
+def controls(trials: list[Trial], neutral: str) -> dict[str, tuple[str, str]]:
+    """trial id -> (no-defense control id, neutral-prompt control id) at the same grid point."""
+    none = {_group(t): t.id for t in trials if t.config.defense.kind == "none"}
+    neutral_ids = {
+        (_group(t), t.config.defense.ip.mode, t.config.defense.ip.placement): t.id
+        for t in trials
+        if t.config.defense.kind == "ip" and neutral and t.config.defense.ip.prompt == neutral
+    }
+    out = {}
+    for t in trials:
+        ip = t.config.defense.ip
+        out[t.id] = (none.get(_group(t), ""), neutral_ids.get((_group(t), ip.mode, ip.placement), ""))
+    return out
+
+
+def print_grid(trials: list[Trial]) -> None:
+    keys = sorted({k for t in trials for k in t.axes})
+    print(f"{len(trials)} trials")
+    print(f"  {'id':<12}  {'label':<40}  " + "  ".join(keys))
+    for t in trials:
+        print(f"  {t.id:<12}  {t.label:<40}  " + "  ".join(str(t.axes.get(k, "")) for k in keys))
+
+
+def gather(exp_dir: Path, trials: list[Trial], neutral: str, errors: dict[str, str]) -> None:
+    """Merge the per-trial parts into the experiment's tables (each written atomically)."""
+    ctl = controls(trials, neutral)
+    rows = []
+    for t in trials:
+        done = trial_dir(exp_dir, t.id) / "done.json"
+        info = json.loads(done.read_text()) if done.is_file() else {}
+        rows.append(
+            {"trial_id": t.id, "label": t.label, "status": "done" if info else "failed",
+             "error": errors.get(t.id, ""), "steps": info.get("steps", -1),
+             "default_system_prompt": info.get("default_system_prompt"),
+             "control_id": ctl[t.id][0], "neutral_id": ctl[t.id][1],
+             "defense": t.config.defense.kind, "prompt": t.config.defense.ip.prompt,
+             "mode": t.config.defense.ip.mode if t.config.defense.kind == "ip" else "",
+             "placement": t.config.defense.ip.placement if t.config.defense.kind == "ip" else "",
+             "axes": json.dumps(t.axes, default=str), "config": json.dumps(asdict(t.config), default=str)}
+        )
+    write_table(exp_dir / "trials.parquet", rows)
+    parts = [trial_dir(exp_dir, t.id) for t in trials]
+    write_table(exp_dir / "losses.parquet", concat_parts([p / "losses.parquet" for p in parts if (p / "losses.parquet").is_file()], "losses"))
+    for name in EVAL_TABLES:
+        files = [f for p in parts for f in sorted((p / "eval").glob(f"step_*.{name}.parquet"))]
+        write_table(exp_dir / f"{name}.parquet", concat_parts(files, name))
+
+
+def show_summary(exp_dir: Path, cfg: ExperimentConfig) -> None:
+    import polars as pl
+
+    from .summary import format_summary, summarize
+
+    trials = pl.read_parquet(exp_dir / "trials.parquet").filter(pl.col("status") == "done")
+    if not trials.height:
+        return
+    df = summarize(trials, pl.read_parquet(exp_dir / "scores.parquet"),
+                   pl.read_parquet(exp_dir / "heldout_logprob.parquet"), cfg.neutral_prompt)
+    write_table(exp_dir / "summary.parquet", df.to_arrow())
+    print(format_summary(df, cfg.eval.trait))
+    sysp = trials["default_system_prompt"][0]
+    print(f"default condition = the template's default: system prompt {sysp!r}" if sysp else
+          "default condition = the template's default: no system prompt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        exp, overrides = parse_args(argv)
+        cfg = load_config(exp, overrides)
+        trials = expand(cfg)
+        if cfg.dry_run:
+            print_grid(trials)
+        check_inputs(trials)
+    except ConfigError as exc:
+        if "trials" in locals() and cfg.dry_run:  # a dry run lists the grid before the data exists
+            print(f"note: inputs are not ready: {exc}", file=sys.stderr)
+            return 0
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.dry_run:
+        return 0
+    exp_dir = Path(cfg.storage) / cfg.name
+    write_text(exp_dir / "config.yaml", to_yaml(cfg))
+    for t in trials:
+        prepare(exp_dir, t.id, t.config, t.label)
+    todo = [t for t in trials if not is_done(exp_dir, t.id)]
+    print(f"{cfg.name}: {len(trials)} trials, {len(trials) - len(todo)} finished, {len(todo)} to run -> {exp_dir}")
+    errors = {}
+    if todo:
+        from .tune_adapter import run_trials
+
+        errors = run_trials(todo, exp_dir, cfg.sweep, cfg.name)
+    gather(exp_dir, trials, cfg.neutral_prompt, errors)
+    show_summary(exp_dir, cfg)
+    if errors:
+        for tid, err in errors.items():
+            print(f"error: trial {tid} failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Expand an experiment's arms and grid into resolved trial configs, each with its id."""
+
+from __future__ import annotations
+
+import itertools
+import typing
+from dataclasses import dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, DefenseConfig, ExperimentConfig, IPConfig, SweepConfig, apply_overrides, trial_id
+
+
+@dataclass(frozen=True)
+class Trial:
+    id: str  # hash of the resolved trial config
+    label: str  # short human name: control, <prompt>/<mode>, pps:..., plus axis values
+    axes: dict[str, Any]  # dotted key -> value of every arm/grid axis and arm setting
+    config: ExperimentConfig  # the resolved config the trial runs
+
+
+def _is_list_field(cls: type, name: str) -> bool:
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_origin(hint) is list
+
+
+def _axes(tree: dict[str, Any], cls: type, prefix: str = "") -> list[tuple[str, list[Any]]]:
+    """Flatten a nested override tree into (dotted key, values); scalars become one-value axes.
+
+    A list value is an axis. For fields that are lists themselves (target_modules,
+    eval.conditions, defense.pps) an axis is a list of lists.
+    """
+    out = []
+    hints = {f.name for f in fields(cls)}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        sub = typing.get_type_hints(cls).get(key) if key in hints else None
+        if is_dataclass(sub) and isinstance(value, dict):
+            out += _axes(value, sub, dotted + ".")
+        elif isinstance(value, list) and not _is_list_field(cls, key):
+            out.append((dotted, value))
+        elif isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            out.append((dotted, value))
+        else:
+            out.append((dotted, [value]))
+    return out
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    return {head: _nest(rest, value) if rest else value}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Fill derived values so a trial's config is self-contained (prompt text, pool path)."""
+    ip = cfg.defense.ip
+    # Settings of an unused defense must not change a trial's identity.
+    if cfg.defense.kind == "none":
+        return replace(cfg, defense=DefenseConfig())
+    if cfg.defense.kind == "pps":
+        if not cfg.defense.pps:
+            raise ConfigError("defense.kind=pps needs at least one entry in defense.pps")
+        return replace(cfg, defense=replace(cfg.defense, ip=IPConfig()))
+    text = ip.text
+    if not text:
+        if ip.prompt not in cfg.prompts:
+            known = ", ".join(sorted(cfg.prompts)) or "(none)"
+            raise ConfigError(f"defense.ip.prompt={ip.prompt!r} is not a key of `prompts` (known: {known})")
+        text = cfg.prompts[ip.prompt]
+    pool = ip.pool if ip.mode == "mix" else ""
+    if ip.mode == "mix" and not pool:
+        pool = str(Path(cfg.data.rephrasings_dir) / f"{ip.prompt}.jsonl")
+    defense = replace(cfg.defense, ip=replace(ip, text=text, pool=pool), pps=[])
+    return replace(cfg, defense=defense)
+
+
+def label(cfg: ExperimentConfig) -> str:
+    d = cfg.defense
+    if d.kind == "none":
+        return "control"
+    if d.kind == "ip":
+        where = "" if d.ip.placement == "user_prefix" else "@system"
+        return f"{d.ip.prompt or 'custom'}/{d.ip.mode}{where}"
+    return "pps:" + "+".join(f"{Path(s.vector).stem}@L{s.layer}x{s.coef:g}" for s in d.pps)
+
+
+def expand(cfg: ExperimentConfig) -> list[Trial]:
+    """Every trial of the experiment: for each arm, the product of its axes and the grid's."""
+    grid_axes = _axes(cfg.sweep.grid, ExperimentConfig)
+    trials: dict[str, Trial] = {}
+    for arm in cfg.sweep.arms:
+        arm_axes = _axes(arm, ExperimentConfig)
+        all_axes = arm_axes + grid_axes
+        keys = [k for k, _ in all_axes]
+        for values in itertools.product(*(v for _, v in all_axes)):
+            tree: dict[str, Any] = {}
+            for key, value in zip(keys, values):
+                tree = _merge(tree, _nest(key, value))
+            try:
+                t = resolve(apply_overrides(cfg, tree))
+            except ConfigError as exc:
+                raise ConfigError(f"sweep arm {arm}: {exc}") from None
+            t = replace(t, sweep=SweepConfig(arms=[], grid={}))
+            tid = trial_id(t)
+            varying = {k: v for (k, vals), v in zip(all_axes, values) if len(vals) > 1 or k in dict(grid_axes)}
+            extra = ",".join(f"{k.split('.')[-1]}={v}" for k, v in varying.items() if not k.startswith("defense."))
+            name = label(t) + (f"[{extra}]" if extra else "")
+            trials.setdefault(tid, Trial(tid, name, dict(zip(keys, values)), t))
+    return list(trials.values())
+
+
+def check_inputs(trials: list[Trial]) -> None:
+    """Read every input a trial needs before any training: a bad file fails here, naming it."""
+    from .data import read_chat, read_pool, read_questions
+
+    checked: set[tuple[str, str]] = set()
+
+    def once(key: str, path: str, read) -> None:
+        if (key, path) not in checked:
+            try:
+                read(path)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+            checked.add((key, path))
+
+    for t in trials:
+        c = t.config
+        once("data.train", c.data.train, read_chat)
+        once("data.questions", c.data.questions, read_questions)
+        if c.eval.heldout_logprob and c.data.heldout:
+            once("data.heldout", c.data.heldout, read_chat)
+        if c.defense.kind == "ip" and c.defense.ip.mode == "mix":
+            once("defense.ip.pool", c.defense.ip.pool, read_pool)
+        for s in c.defense.pps:
+            once("defense.pps", f"{s.vector}|{s.key}|{s.layer}|{c.model.name}", lambda _: _check_vector(s, c.model.name))
+
+
+def _check_vector(s, model_name: str) -> None:
+    from transformers import AutoConfig
+
+    from .defenses import read_vector
+    from .models import resolve_model
+
+    mc = AutoConfig.from_pretrained(resolve_model(model_name)).get_text_config()
+    read_vector(s, mc.num_hidden_layers, mc.hidden_size)

@@ -1,0 +1,182 @@
+"""One trial: a plain function of a resolved config that runs without Ray.
+
+It fine-tunes a LoRA adapter under the trial's defense, saves the adapter at every
+checkpoint step, evaluates the checkpoints, and keeps a crash-resume state (adapter,
+optimiser, scheduler, losses so far). Called again after a crash, it resumes from the
+newest state and reproduces the same batches, so no step is lost or duplicated.
+
+Layout under the experiment directory:
+  trials/<id>/config.yaml  resolved config        trials/<id>/losses.parquet
+  trials/<id>/eval/step_<n>.<table>.parquet       trials/<id>/done.json
+  trials/<id>/resume.json -> resume_<step>/       adapters/<id>/step_<n>/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ExperimentConfig, to_yaml
+from .tables import write_json, write_table, write_text
+
+Report = Callable[[dict[str, Any]], None]
+EVAL_TABLES = ("completions", "scores", "heldout_logprob")
+
+
+def trial_dir(exp_dir: Path, tid: str) -> Path:
+    return Path(exp_dir) / "trials" / tid
+
+
+def is_done(exp_dir: Path, tid: str) -> bool:
+    return (trial_dir(exp_dir, tid) / "done.json").is_file()
+
+
+def prepare(exp_dir: Path, tid: str, cfg: ExperimentConfig, label: str) -> None:
+    """Write the trial's resolved config (before it runs, so any process can run it)."""
+    d = trial_dir(exp_dir, tid)
+    write_text(d / "config.yaml", to_yaml(cfg))
+    write_json(d / "config.json", {"trial_id": tid, "label": label, "config": asdict(cfg)})
+
+
+def _save_dir_atomically(save: Callable[[Path], None], dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.rename(tmp, dest)
+
+
+def _save_resume(tdir: Path, model, opt, sched, step: int, losses: list[dict]) -> None:
+    import torch
+
+    def save(d: Path) -> None:
+        model.save_pretrained(str(d))
+        torch.save({"step": step, "opt": opt.state_dict(), "sched": sched.state_dict(), "losses": losses}, d / "state.pt")
+
+    _save_dir_atomically(save, tdir / f"resume_{step}")
+    previous = _resume_pointer(tdir)
+    write_json(tdir / "resume.json", {"step": step})
+    if previous is not None and previous != step:
+        shutil.rmtree(tdir / f"resume_{previous}", ignore_errors=True)
+
+
+def _resume_pointer(tdir: Path) -> int | None:
+    p = tdir / "resume.json"
+    return json.loads(p.read_text())["step"] if p.is_file() else None
+
+
+def _load_resume(tdir: Path, model, opt, sched) -> tuple[int, list[dict]]:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    step = _resume_pointer(tdir)
+    if step is None:
+        return 0, []
+    d = tdir / f"resume_{step}"
+    set_peft_model_state_dict(model, load_file(str(d / "adapter_model.safetensors")))
+    state = torch.load(str(d / "state.pt"), weights_only=False)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    return state["step"], state["losses"]
+
+
+def run_trial(
+    cfg: ExperimentConfig, exp_dir: Path, tid: str, label: str = "", report: Report | None = None
+) -> dict[str, Any]:
+    """Train and evaluate one trial (resuming if a previous attempt left a state)."""
+    import torch
+
+    from .data import encode, read_chat, read_questions, shuffled
+    from .defenses import make_defense
+    from .evaluate import evaluate_step
+    from .judges import make_judge
+    from .models import default_system_prompt, load_model
+    from .train import Collator, add_lora, checkpoint_steps, example_order, make_optimizer, total_steps, train_step
+
+    exp_dir = Path(exp_dir)
+    tdir = trial_dir(exp_dir, tid)
+    if is_done(exp_dir, tid):
+        return json.loads((tdir / "done.json").read_text())
+    report = report or (lambda metrics: None)
+    started = time.time()
+    tdir.mkdir(parents=True, exist_ok=True)
+    write_text(tdir / "pid", str(os.getpid()))
+    torch.set_num_threads(max(1, cfg.threads or int(os.environ.get("RAYSWEEP_THREADS", "1"))))
+
+    model, tok = load_model(cfg.model.name, cfg.model.dtype)
+    defense = make_defense(cfg.defense)
+    t = cfg.train
+    examples = shuffled(read_chat(cfg.data.train), cfg.seed, cfg.data.n_train)
+    encoded = [encode(tok, c, t.max_seq_len) for c in defense.conversations(examples, cfg.seed)]
+    questions = read_questions(cfg.data.questions, cfg.data.n_questions)
+    heldout = []
+    if cfg.eval.heldout_logprob and cfg.data.heldout:
+        heldout = [encode(tok, c, t.max_seq_len) for c in read_chat(cfg.data.heldout, cfg.data.n_heldout)]
+    judge = make_judge(cfg.eval.judge, cfg.eval.trait)
+
+    model = add_lora(model, t, cfg.seed)
+    total = total_steps(t, len(encoded))
+    eval_steps = set(s for s in cfg.eval.steps if 0 <= s <= total) or set(checkpoint_steps(t, total))
+    ckpts = set(checkpoint_steps(t, total)) | eval_steps
+    opt, sched = make_optimizer(model, t, total)
+    start, losses = _load_resume(tdir, model, opt, sched)
+    if start:
+        report({"resumed_from": start})
+    batches = example_order(len(encoded), total, t.grad_accum, t.batch_size, cfg.seed)
+    collate = Collator(tok.pad_token_id)
+    adapters = exp_dir / "adapters" / tid
+
+    def checkpoint(step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if step in ckpts:
+            _save_dir_atomically(lambda d: model.save_pretrained(str(d)), adapters / f"step_{step}")
+        if step in eval_steps and not (tdir / "eval" / f"step_{step}.scores.parquet").is_file():
+            model.eval()
+            with torch.inference_mode():
+                rows = evaluate_step(model, tok, cfg, tid, step, defense, questions, heldout, judge)
+            for name in EVAL_TABLES:  # scores last: its presence marks the step as evaluated
+                write_table(tdir / "eval" / f"step_{step}.{name}.parquet", rows[name], name)
+            for cond in cfg.eval.conditions:
+                vals = [r["score"] for r in rows["scores"] if r["condition"] == cond and r["score"] == r["score"]]
+                if vals:
+                    metrics[f"trait_{cond}"] = sum(vals) / len(vals)
+            if rows["heldout_logprob"]:
+                metrics["heldout_logprob"] = sum(r["logprob"] for r in rows["heldout_logprob"]) / len(rows["heldout_logprob"])
+        write_table(tdir / "losses.parquet", losses, "losses")
+        _save_resume(tdir, model, opt, sched, step, losses)
+        return metrics
+
+    if start == 0:
+        report({"step": 0, **checkpoint(0)})
+    for step in range(start + 1, total + 1):
+        idx = batches[(step - 1) * t.grad_accum : step * t.grad_accum]
+        micro = [collate([encoded[i] for i in b]) for b in idx]
+        model.train()
+        torch.manual_seed(cfg.seed * 100003 + step)  # dropout masks reproduce after a resume
+        with defense.active(model):
+            m = train_step(model, opt, sched, micro, t.max_grad_norm)
+        losses.append({"trial_id": tid, "step": step, **m})
+        metrics = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"]}
+        if step in ckpts:
+            metrics.update(checkpoint(step))
+        elif t.resume_every and step % t.resume_every == 0:
+            write_table(tdir / "losses.parquet", losses, "losses")
+            _save_resume(tdir, model, opt, sched, step, losses)
+        report(metrics)
+
+    summary = {
+        "trial_id": tid, "label": label, "status": "done", "steps": total,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "default_system_prompt": default_system_prompt(tok),
+        "checkpoints": sorted(ckpts), "eval_steps": sorted(eval_steps),
+        "wall_s": time.time() - started, "resumed_from": start,
+    }
+    write_json(tdir / "done.json", summary)
+    return summary
