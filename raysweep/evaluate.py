@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -24,6 +26,20 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
+def _memo(cache: Path | None, key: Any, compute: Callable[[], Any]) -> Any:
+    """Content-addressed JSON memo: the base model's answers are the same for every trial."""
+    if cache is None:
+        return compute()
+    from .tables import write_json
+
+    path = cache / (hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24] + ".json")
+    if path.is_file():
+        return json.loads(path.read_text())["value"]
+    value = compute()
+    write_json(path, {"key": key, "value": value})
+    return value
+
+
 def condition_conversations(questions: list[str], condition: str, defense: Defense, seed: int):
     base = [question_messages(q) for q in questions]
     if condition == "default":
@@ -33,12 +49,18 @@ def condition_conversations(questions: list[str], condition: str, defense: Defen
 
 def evaluate_step(
     model, tokenizer, cfg: ExperimentConfig, trial_id: str, step: int, defense: Defense,
-    questions: list[str], heldout: list[Encoded], judge: Scorer,
+    questions: list[str], heldout: list[Encoded], judge: Scorer, cache: Path | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Rows for the completions, scores and heldout_logprob tables at one checkpoint."""
+    """Rows for the completions, scores and heldout_logprob tables at one checkpoint.
+
+    At step 0 the adapter is the identity (LoRA B = 0), so the default condition and the
+    held-out logprobs are the base model's: with `cache`, they are computed once per
+    experiment and shared by every trial.
+    """
     from .generation import generate, token_logprobs
 
     e = cfg.eval
+    base = {"model": cfg.model, "eval": e, "seed": cfg.seed}
     completions, scores = [], []
     for condition in e.conditions:
         convs = condition_conversations(questions, condition, defense, cfg.seed)
@@ -46,11 +68,15 @@ def evaluate_step(
         hooks = defense.active(model) if condition == "training" else contextlib.nullcontext()
         with hooks:
             # The same seed for every trial and step: samples are paired across trials.
-            texts = generate(
-                model, tokenizer, [c for _, _, c in rows], max_new_tokens=e.max_new_tokens,
-                temperature=e.temperature, top_p=e.top_p, seed=_seed("sample", cfg.seed, condition),
-                batch_size=e.batch_size,
-            )
+            def sample() -> list[str]:
+                return generate(
+                    model, tokenizer, [c for _, _, c in rows], max_new_tokens=e.max_new_tokens,
+                    temperature=e.temperature, top_p=e.top_p, seed=_seed("sample", cfg.seed, condition),
+                    batch_size=e.batch_size,
+                )
+
+            shared = step == 0 and condition == "default"
+            texts = _memo(cache if shared else None, {**base, "generate": [c for _, _, c in rows]}, sample)
         prompts = [c[-1]["content"] if c[-1]["role"] == "user" else "" for _, _, c in rows]
         system = [next((m["content"] for m in c if m["role"] == "system"), None) for _, _, c in rows]
         graded = judge(prompts, texts)
@@ -61,7 +87,11 @@ def evaluate_step(
             scores.append({**key, "trait": e.trait, "score": score, "judge": judge.name, "reason": reason})
     heldout_rows = []
     if e.heldout_logprob and heldout:
-        lps = token_logprobs(model, [h.input_ids for h in heldout], [h.labels for h in heldout], batch_size=e.batch_size)
+        def logprobs() -> list[list[float]]:
+            ids, labels = [h.input_ids for h in heldout], [h.labels for h in heldout]
+            return [lp.tolist() for lp in token_logprobs(model, ids, labels, batch_size=e.batch_size)]
+
+        lps = _memo(cache if step == 0 else None, {**base, "heldout": [h.input_ids for h in heldout]}, logprobs)
         for i, lp in enumerate(lps):
             heldout_rows.append(
                 {"trial_id": trial_id, "step": step, "example_id": i,

@@ -43,7 +43,8 @@ def controls(trials: list[Trial], neutral: str) -> dict[str, tuple[str, str]]:
     out = {}
     for t in trials:
         ip = t.config.defense.ip
-        out[t.id] = (none.get(_group(t), ""), neutral_ids.get((_group(t), ip.mode, ip.placement), ""))
+        is_ip = t.config.defense.kind == "ip"
+        out[t.id] = (none.get(_group(t), ""), neutral_ids.get((_group(t), ip.mode, ip.placement), "") if is_ip else "")
     return out
 
 

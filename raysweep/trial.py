@@ -140,7 +140,7 @@ def run_trial(
         if step in eval_steps and not (tdir / "eval" / f"step_{step}.scores.parquet").is_file():
             model.eval()
             with torch.inference_mode():
-                rows = evaluate_step(model, tok, cfg, tid, step, defense, questions, heldout, judge)
+                rows = evaluate_step(model, tok, cfg, tid, step, defense, questions, heldout, judge, exp_dir / "cache")
             for name in EVAL_TABLES:  # scores last: its presence marks the step as evaluated
                 write_table(tdir / "eval" / f"step_{step}.{name}.parquet", rows[name], name)
             for cond in cfg.eval.conditions:
