@@ -53,9 +53,9 @@ def evaluate_step(
 ) -> dict[str, list[dict[str, Any]]]:
     """Rows for the completions, scores and heldout_logprob tables at one checkpoint.
 
-    At step 0 the adapter is the identity (LoRA B = 0), so the default condition and the
-    held-out logprobs are the base model's: with `cache`, they are computed once per
-    experiment and shared by every trial.
+    At step 0 the adapter is the identity (LoRA B = 0), so answers and held-out logprobs
+    are the base model's: with `cache`, each distinct set of messages (and steering) is
+    computed once per experiment and shared by every trial.
     """
     from .generation import generate, token_logprobs
 
@@ -75,8 +75,10 @@ def evaluate_step(
                     batch_size=e.batch_size,
                 )
 
-            shared = step == 0 and condition == "default"
-            texts = _memo(cache if shared else None, {**base, "generate": [c for _, _, c in rows]}, sample)
+            # Step 0 is the base model: the answers depend only on the messages (and steering).
+            steering = cfg.defense.pps if condition == "training" else []
+            key = {**base, "generate": [c for _, _, c in rows], "steering": steering}
+            texts = _memo(cache if step == 0 else None, key, sample)
         prompts = [c[-1]["content"] if c[-1]["role"] == "user" else "" for _, _, c in rows]
         system = [next((m["content"] for m in c if m["role"] == "system"), None) for _, _, c in rows]
         graded = judge(prompts, texts)
