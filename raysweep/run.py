@@ -116,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.dry_run:
         return 0
     exp_dir = Path(cfg.storage) / cfg.name
-    write_text(exp_dir / "config.yaml", to_yaml(cfg))
-    for t in trials:
-        prepare(exp_dir, t.id, t.config, t.label)
+    try:
+        write_text(exp_dir / "config.yaml", to_yaml(cfg))
+        for t in trials:
+            prepare(exp_dir, t.id, t.config, t.label)
+    except OSError as exc:
+        print(f"error: storage={cfg.storage!r} is not writable: {exc}", file=sys.stderr)
+        return 2
     todo = [t for t in trials if not is_done(exp_dir, t.id)]
     print(f"{cfg.name}: {len(trials)} trials, {len(trials) - len(todo)} finished, {len(todo)} to run -> {exp_dir}")
     errors = {}

@@ -88,9 +88,13 @@ def _load_resume(tdir: Path, model, opt, sched) -> tuple[int, list[dict]]:
 
 
 def run_trial(
-    cfg: ExperimentConfig, exp_dir: Path, tid: str, label: str = "", report: Report | None = None
+    cfg: ExperimentConfig, exp_dir: Path, tid: str, label: str = "", report: Report | None = None,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one trial (resuming if a previous attempt left a state)."""
+    """Train and evaluate one trial (resuming if a previous attempt left a state).
+
+    `info` (e.g. the Ray node that ran it) is recorded in the trial's done.json.
+    """
     import torch
 
     from .data import encode, read_chat, read_questions, shuffled
@@ -176,7 +180,7 @@ def run_trial(
         "final_loss": losses[-1]["loss"] if losses else None,
         "default_system_prompt": default_system_prompt(tok),
         "checkpoints": sorted(ckpts), "eval_steps": sorted(eval_steps),
-        "wall_s": time.time() - started, "resumed_from": start,
+        "wall_s": time.time() - started, "resumed_from": start, **(info or {}),
     }
     write_json(tdir / "done.json", summary)
     return summary

@@ -27,7 +27,10 @@ def _trainable(config: dict) -> None:
     os.environ["RAYSWEEP_THREADS"] = str(config["threads"])
     exp_dir = Path(config["exp_dir"])
     spec = json.loads((trial_dir(exp_dir, config["trial_id"]) / "config.json").read_text())
-    run_trial(from_dict(spec["config"]), exp_dir, spec["trial_id"], spec["label"], report=tune.report)
+    import ray
+
+    where = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    run_trial(from_dict(spec["config"]), exp_dir, spec["trial_id"], spec["label"], report=tune.report, info=where)
 
 
 def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:

@@ -85,3 +85,9 @@ def test_dry_run_lists_trials_and_writes_nothing(project):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("1 trials")
     assert not (project / "runs").exists()  # a dry run writes nothing
+
+
+def test_unwritable_storage(project):
+    (project / "a_file").write_text("not a directory")
+    assert_refused(run(project, "exp=ok", "storage=a_file/runs"), "storage='a_file/runs' is not writable")
+    assert not (project / "runs").exists()

@@ -69,6 +69,9 @@ def test_sweep_reruns_nothing_and_adds_only_new_trials(ray_local, project, capsy
     # Tune ran them: its experiment directory holds one trial directory per trial.
     tune_dirs = [p for p in (exp / "tune").glob("*/*") if p.is_dir()]
     assert {p.name for p in tune_dirs} >= set(first)
+    # Per-step metrics reached Tune's loggers (the dashboard and TensorBoard read them).
+    assert len(list((exp / "tune").rglob("events.out.tfevents*"))) >= 5
+    assert all(json.loads(p.read_text()).get("node_id") for p in (exp / "trials").glob("*/done.json"))
     losses = pl.read_parquet(exp / "losses.parquet")
     assert losses.group_by("trial_id").agg(pl.col("step").sort()).sort("trial_id")["step"].to_list() == [[1, 2, 3, 4]] * 5
     scores = pl.read_parquet(exp / "scores.parquet")
