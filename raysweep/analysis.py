@@ -305,7 +305,7 @@ def fit_stats(df: Frame, x: str, y: str, by: Sequence[str] = ()) -> pl.DataFrame
     """`correlation(x, y)` per group of `by`: one row per group."""
     d = _lazy(df).collect()
     groups = d.partition_by(list(by), as_dict=True, maintain_order=True) if by else {(): d}
-    rows = [dict(zip(by, key)) | correlation(g[x].to_list(), g[y].to_list()) for key, g in groups.items()]
+    rows = [dict(zip(by, key, strict=True)) | correlation(g[x].to_list(), g[y].to_list()) for key, g in groups.items()]
     return pl.DataFrame(rows)
 
 
@@ -380,7 +380,7 @@ def across_seeds(df: Frame, trials: Frame, value: str = "mean", seed_axis: str =
         d.select([c for c in _names(d) if c not in ("group", "group_label", "seed")])
         .join(t.lazy().select(exp + ["trial_id", "group", "group_label", "seed"]), on=exp + ["trial_id"])
         .group_by(by)
-        .agg(ci_agg(value), pl.col("seed").unique().sort().str.join(",").alias("seeds"))
+        .agg(*ci_agg(value), pl.col("seed").unique().sort().str.join(",").alias("seeds"))
         .sort(by)
         .collect()
     )

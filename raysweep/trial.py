@@ -9,6 +9,7 @@ Layout under the experiment directory:
   trials/<id>/config.yaml  resolved config        trials/<id>/losses.parquet
   trials/<id>/eval/step_<n>.<table>.parquet       trials/<id>/done.json
   trials/<id>/resume.json -> resume_<step>/       adapters/<id>/step_<n>/
+  trials/<id>/attempts/*.json  one record per (re)start: pid, Ray node
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def run_trial(
     started = time.time()
     tdir.mkdir(parents=True, exist_ok=True)
     write_text(tdir / "pid", str(os.getpid()))
+    # One record per attempt: where each (re)start of this trial ran.
+    write_json(tdir / "attempts" / f"{time.time_ns()}-{os.getpid()}.json", {"pid": os.getpid(), **(info or {})})
     torch.set_num_threads(max(1, cfg.threads or int(os.environ.get("RAYSWEEP_THREADS", "1"))))
 
     model, tok = load_model(cfg.model.name, cfg.model.dtype)
