@@ -32,3 +32,12 @@ def test_demo_shows_inoculation_against_its_controls(ray_local, tmp_path, capsys
     by_step = held.filter(pl.col("trial_id") == control["trial_id"]).group_by("step").agg(pl.col("logprob").mean())
     lp = dict(by_step.iter_rows())
     assert lp[max(lp)] > lp[0] + 0.3  # trait acquisition without a judge
+
+    # The demo's report renders: a PNG per chart, and the index opens in headless Chromium cleanly.
+    from test_report import check_page, report
+
+    proc = report(tmp_path, "exp=demo", f"storage={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    pngs = list((tmp_path / "demo" / "report").glob("*.png"))
+    assert len(pngs) >= 5 and all(p.stat().st_size > 1000 for p in pngs)
+    check_page(tmp_path / "demo" / "report" / "index.html", n_charts=5)
