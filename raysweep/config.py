@@ -125,6 +125,7 @@ class ExperimentConfig:
     seed: int = 0  # seed for data order, mix draws, LoRA init and sampling
     storage: str = "runs"  # results root; the experiment writes to <storage>/<name>/
     dry_run: bool = False  # print the resolved trial grid and its size, train nothing
+    dashboard: bool = False  # local Ray serves its dashboard on 127.0.0.1 (needs ray[default]); URL printed
     threads: int = 0  # torch threads per trial (0 = cpus_per_trial)
     prompts: dict[str, str] = field(default_factory=dict)  # prompt library: key -> text
     neutral_prompt: str = ""  # key of the neutral-prompt control (zero-elicitation group); effects are paired against it
@@ -137,7 +138,7 @@ class ExperimentConfig:
 
 
 # Fields that say where and how to run, not what a trial computes: not part of a trial's id.
-RUN_ONLY_FIELDS = ("name", "description", "storage", "dry_run", "threads", "sweep", "prompts", "neutral_prompt")
+RUN_ONLY_FIELDS = ("name", "description", "storage", "dry_run", "dashboard", "threads", "sweep", "prompts", "neutral_prompt")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if todo:
         from .tune_adapter import run_trials
 
-        errors = run_trials(todo, exp_dir, cfg.sweep, cfg.name)
+        errors = run_trials(todo, exp_dir, cfg.sweep, cfg.name, dashboard=cfg.dashboard)
     gather(exp_dir, trials, cfg.neutral_prompt, errors)
     show_summary(exp_dir, cfg)
     if errors:

@@ -34,7 +34,11 @@ def _trainable(config: dict) -> None:
 
 
 def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """Connect to RAY_ADDRESS if set, else start a local Ray (loopback only)."""
+    """Connect to RAY_ADDRESS if set, else start a local Ray (loopback only).
+
+    With `dashboard`, the local Ray serves its dashboard (needs ray[default]) and its URL
+    is printed.
+    """
     import ray
 
     if ray.is_initialized():
@@ -42,15 +46,23 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
+    elif dashboard:
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       configure_logging=False)
+        print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False)
+        # "local": always a new instance; a bare ray.init() would attach to the last cluster
+        # that `ray start` launched on this machine, even a dead one.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False)
 
 
-def run_trials(trials: list[Trial], exp_dir: Path, sweep: SweepConfig, name: str) -> dict[str, str]:
+def run_trials(
+    trials: list[Trial], exp_dir: Path, sweep: SweepConfig, name: str, dashboard: bool = False
+) -> dict[str, str]:
     """Run `trials` as one Tune experiment; return trial id -> error text for failures."""
     from ray import tune
 
-    ensure_ray()
+    ensure_ray(dashboard=dashboard)
     labels = {t.id: t.label for t in trials}
     resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
     tuner = tune.Tuner(

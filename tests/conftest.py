@@ -40,6 +40,6 @@ def ray_local():
     from raysweep.models import resolve_model
 
     resolve_model("tiny-random")  # build the cache once, before trials race for it
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -210,3 +210,43 @@ def _descendants(pid: int) -> set[int]:
                 seen.add(c)
                 stack.append(c)
     return seen
+
+
+def test_dashboard_lists_the_running_sweeps_trial_actors(project):
+    """dashboard=true: the local Ray serves its dashboard on loopback, the URL is printed,
+    and the dashboard's state API lists the sweep's trial actors while they run."""
+    import re
+    import urllib.request
+
+    slow = EXPERIMENT.replace("max_steps: 4", "max_steps: 40")
+    (project / "experiments" / "tiny.yaml").write_text(slow)
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_ADDRESS", None)
+    driver = cli(project, "exp=tiny", "dashboard=true", env=env, start_new_session=True)
+    log = project / "driver.log"
+    try:
+        wait_for(lambda: "Ray dashboard: http://" in log.read_text(), 180, "the dashboard URL")
+        url = re.search(r"Ray dashboard: (http://\S+)", log.read_text()).group(1)
+        assert url.startswith("http://127.0.0.1:")  # bound to loopback only
+
+        def trial_actors() -> list[dict]:
+            req = urllib.request.Request(f"{url}/api/v0/actors?limit=1000&detail=1",
+                                         headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    data = json.loads(resp.read())
+            except OSError:
+                return []
+            actors = data["data"]["result"]["result"]
+            return [a for a in actors if "ImplicitFunc" in a.get("class_name", "") and a.get("state") == "ALIVE"]
+
+        wait_for(lambda: len(trial_actors()) >= 1, 180, "trial actors in the dashboard")
+        # Without the token the dashboard refuses (the secret is needed, and never printed).
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{url}/api/v0/actors", timeout=10)
+        assert token not in log.read_text()
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    settle(project / "runs" / "tiny")
