@@ -164,10 +164,18 @@ def test_multi_node_sweep_spreads_and_survives_a_lost_node(project):
     driver = None
     try:
         wait_for(nodes_up(1), 120, "the head node")
-        for n in (2, 3):  # one at a time: a worker started before the head answers can hang
-            workers.append(start_node([f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                                       "--node-ip-address=127.0.0.1"], env))
-            wait_for(nodes_up(n), 120, f"{n} Ray nodes")
+        for n in (2, 3):  # one at a time; a worker start that hangs under load is retried
+            for attempt in range(3):
+                worker = start_node([f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                                     "--node-ip-address=127.0.0.1"], env)
+                try:
+                    wait_for(nodes_up(n), 60, f"{n} Ray nodes")
+                    workers.append(worker)
+                    break
+                except AssertionError:
+                    stop_node(worker)
+                    if attempt == 2:
+                        raise
         driver = cli(project, "exp=tiny", env=status_env)
         # Stop the worker node of a running trial once it has saved some state.
         def running_pids():
