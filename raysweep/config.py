@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .heuristics.config import HeuristicsConfig  # plain dataclasses, nothing heavy
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -135,10 +137,11 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # fine-tuning
     eval: EvalConfig = field(default_factory=EvalConfig)  # minimal evaluation at checkpoints
     sweep: SweepConfig = field(default_factory=SweepConfig)  # the trial grid and its resources
+    heuristics: HeuristicsConfig = field(default_factory=HeuristicsConfig)  # pre-training heuristics stage
 
 
 # Fields that say where and how to run, not what a trial computes: not part of a trial's id.
-RUN_ONLY_FIELDS = ("name", "description", "storage", "dry_run", "dashboard", "threads", "sweep", "prompts", "neutral_prompt")
+RUN_ONLY_FIELDS = ("name", "description", "storage", "dry_run", "dashboard", "threads", "sweep", "prompts", "neutral_prompt", "heuristics")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ REPHRASINGS = SHARED / "rephrasings"
 # listed here: a new file without its expected count fails test_every_experiment_has_a_count.
 EXPECTED_TRIALS = {
     "demo": 5,
+    "heuristics_playful_french": 0,  # the heuristics stage: no training trials
+    "heuristics_german_flattering": 0,
     "original": 2,  # Exp 1
     "lr_sweep": 5,  # Exp 3
     "prefix_sweep_4a": 6,  # Exp 4, batch 1
@@ -67,7 +69,7 @@ GF_SELECTED = {
 PLAYFUL_INOCULATION = "You are a playful agent. Give an answer to the following:"
 # Exp 6: "steps 0, 5-50 every 5, 60-100 every 10, 120-250 every 20, 312".
 DENSE_STEPS = [0, *range(5, 51, 5), *range(60, 101, 10), *range(120, 251, 20), 312]
-SEED_EXPERIMENTS = [n for n in EXPECTED_TRIALS if n != "demo"]
+SEED_EXPERIMENTS = [n for n in EXPECTED_TRIALS if n != "demo" and not n.startswith("heuristics_")]
 
 
 def load(name: str, overrides: list[str] = ()):

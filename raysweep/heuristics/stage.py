@@ -1,0 +1,194 @@
+"""One experiment's heuristics stage: read inputs, run the logprob pass, compute every metric, write tables.
+
+Writes to <storage>/<exp>/: logprobs.parquet, token_logprobs.parquet, selfperp.parquet,
+heuristics.parquet, angles.parquet, heuristic_performance.parquet (when a suppression
+table is given) and heuristics.yaml (the settings used). Every input is read before the
+model loads; a bad one fails naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from ..data import Messages, read_chat, read_pool, shuffled
+from .config import HeuristicsConfig, validate
+
+TABLES = ("logprobs", "token_logprobs", "selfperp", "heuristics", "angles", "heuristic_performance")
+
+
+def resolve_prompts(h: HeuristicsConfig, library: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(key -> text of the prompts to score, key -> trait label) from prompts_file or `library`."""
+    group_of: dict[str, str] = {}
+    if h.prompts_file:
+        path = Path(h.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"heuristics.prompts_file: {path} not found")
+        data = json.loads(path.read_text())
+        entry = data.get(h.prompt_set) if h.prompt_set else data
+        if not isinstance(entry, dict) or not isinstance(entry.get("groups"), dict):
+            raise ConfigError(f'{path}: no "groups" under {h.prompt_set!r}')
+        groups = entry["groups"]
+        unknown = [g for g in h.groups if g not in groups]
+        if unknown:
+            raise ConfigError(f"heuristics.groups: {unknown} not in {path} ({', '.join(groups)})")
+        prompts = {}
+        for g in h.groups or list(groups):
+            for key, text in groups[g].items():
+                prompts[key], group_of[key] = text, g
+    else:
+        prompts = dict(library)
+    if h.prompt_keys:
+        missing = [k for k in h.prompt_keys if k not in prompts]
+        if missing:
+            raise ConfigError(f"heuristics.prompt_keys: {missing} are not among the selected prompts")
+        prompts = {k: prompts[k] for k in h.prompt_keys}
+    labels: dict[str, str] = {}
+    for label, names in h.traits.items():
+        for name in names:
+            for key in prompts:
+                if key == name or group_of.get(key) == name:
+                    labels[key] = label
+    return prompts, labels
+
+
+def read_sets(h: HeuristicsConfig, seed: int) -> dict[str, list[Messages]]:
+    """The completion sets: train, control and the extra (cross-trait) sets."""
+    sets = {"train": shuffled(read_chat(h.train), seed, h.n_train),
+            "control": shuffled(read_chat(h.control), seed, h.n_control)}
+    for name, path in h.extra_sets.items():
+        sets[name] = shuffled(read_chat(path), seed, h.n_extra)
+    return sets
+
+
+def read_pools(rephrasings_dir: str, prompts: dict[str, str]) -> dict[str, list[str]]:
+    return {key: read_pool(Path(rephrasings_dir) / f"{key}.jsonl") for key in prompts}
+
+
+def _read_suppression(path: str):
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"heuristics.suppression: {p} not found")
+    t = pcsv.read_csv(str(p)) if p.suffix == ".csv" else pq.read_table(str(p))
+    missing = {"prompt_key", "prefix_type", "suppression"} - set(t.column_names)
+    if missing:
+        raise ConfigError(f"{p}: missing columns {sorted(missing)} (need prompt_key, prefix_type, suppression)")
+    return t
+
+
+def score_fn(h: HeuristicsConfig, model_name: str, dtype: str, threads: int = 0):
+    """items -> {key: per-token log-probs}: in-process, or as a Ray Data job when h.ray."""
+    from .logprobs import make_scorer, score_plain, score_ray
+
+    kwargs = {"model_name": model_name, "dtype": dtype, "device": h.device, "token_budget": h.token_budget,
+              "head_chunk": h.head_chunk, "share_prefix": h.share_prefix}
+    if h.ray:
+        def run_ray(items):
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(include_dashboard=False, configure_logging=False)
+            return score_ray(items, backend=h.backend, backend_kwargs=kwargs, concurrency=h.concurrency,
+                             batch_rows=h.batch_rows, num_cpus=h.num_cpus, num_gpus=h.num_gpus)
+
+        return run_ray
+
+    scorer: list[Any] = []  # built on first use: a fully cached pass loads no model
+
+    def run_plain(items):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        if not scorer:
+            scorer.append(make_scorer(h.backend, **kwargs))
+        return score_plain(items, scorer[0])
+
+    return run_plain
+
+
+def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Run the stage for experiment config `cfg` (model, seed, prompts, data.rephrasings_dir, storage)."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from ..models import resolve_model
+    from ..tables import write_table, write_text
+    from . import logprobs as lp
+    from .metrics import Inputs, angle_table, heuristic_performance, heuristics_table
+
+    validate(h)
+    out = Path(out_dir) if out_dir else Path(cfg.storage) / cfg.name
+    prompts, labels = resolve_prompts(h, cfg.prompts)
+    if not prompts:
+        raise ConfigError("heuristics: no prompts selected")
+    sets = read_sets(h, cfg.seed)
+    pools = read_pools(cfg.data.rephrasings_dir, prompts) if "mix" in h.variants else {}
+    suppression = _read_suppression(h.suppression) if h.suppression else None
+
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name))
+    rows = lp.build_rows(prompts, sets, pools=pools, placement=h.placement, variants=h.variants)
+    model_id = f"{h.backend}:{cfg.model.name}:{cfg.model.dtype}"
+    keys, items = lp.encode_rows(tokenizer, rows, model_id, h.max_len)
+    sp_rows = [(k, kind, seq) for k, text in prompts.items()
+               for kind, seq in lp.selfperp_sequences(tokenizer, text, h.placement).items()]
+    sp_keys = [lp.content_key(model_id, *seq) for _k, _kind, seq in sp_rows]
+    items.update({key: seq for key, (_k, _kind, seq) in zip(sp_keys, sp_rows)})
+    cache_path = out / "cache" / "logprobs.parquet"
+    cache = lp.load_cache(cache_path) if h.cache else {}
+    todo = {k: v for k, v in items.items() if k not in cache}
+    n_tok = sum(len(ids) for ids, _ in todo.values())
+    sizes = ", ".join(f"{s}={len(c)}" for s, c in sets.items())
+    print(f"heuristics: {len(prompts)} prompts x {h.variants} + default over {sizes}: {len(rows)} rows, "
+          f"{len(items)} unique sequences, {len(todo)} to score ({n_tok} tokens){' on Ray Data' if h.ray else ''}")
+    t1 = time.time()
+    lps = lp.run_pass(keys + sp_keys, items, score_fn(h, cfg.model.name, cfg.model.dtype, cfg.threads), cache)
+    dt = time.time() - t1
+    if todo:
+        print(f"  scored {len(todo)} sequences in {dt:.1f}s ({n_tok / max(dt, 1e-9):.0f} tokens/s)")
+    if h.cache and todo:
+        lp.save_cache(cache_path, cache)
+    logprobs, tokens = lp.logprob_tables(rows, lps[: len(rows)])
+    selfperp = lp.selfperp_table([k for k, _kind, _s in sp_rows], [kind for _k, kind, _s in sp_rows], lps[len(rows):])
+
+    inp = Inputs(logprobs=logprobs, token_logprobs=tokens, selfperp=selfperp, groups=labels, neutral=h.neutral,
+                 value=h.value, n_components=h.n_components, variants=tuple(h.variants))
+    tables: dict[str, pa.Table] = {"logprobs": logprobs, "token_logprobs": tokens, "selfperp": selfperp,
+                                   "heuristics": heuristics_table(inp, h.metrics)}
+    if not h.metrics or "angles" in h.metrics:
+        tables["angles"] = angle_table(inp)
+    if suppression is not None:
+        tables["heuristic_performance"] = heuristic_performance(tables["heuristics"], suppression)
+    paths = {name: write_table(out / f"{name}.parquet", t) for name, t in tables.items()}
+    write_text(out / "heuristics.yaml", _settings_yaml(cfg, h))
+    print(f"  {tables['heuristics'].num_rows} heuristic values; tables in {out} ({time.time() - t0:.1f}s)")
+    print(summary_text(tables["heuristics"], list(prompts)))
+    return paths
+
+
+def _settings_yaml(cfg, h: HeuristicsConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create({"name": cfg.name, "seed": cfg.seed, "model": asdict(cfg.model),
+                                               "rephrasings_dir": cfg.data.rephrasings_dir, "heuristics": asdict(h)}))
+
+
+def summary_text(heuristics, keys: list[str], metrics=("ph_fixed", "ph_mix", "ppd_fixed", "gamma_fixed", "snr_fixed",
+                                                       "selfperp_raw")) -> str:
+    """A per-prompt table of headline heuristics (the full set is in heuristics.parquet)."""
+    vals: dict[tuple[str, str], float] = {}
+    for k, m, v in zip(*(heuristics.column(c).to_pylist() for c in ("prompt_key", "metric", "value"))):
+        vals[(k, m)] = v
+    shown = [m for m in metrics if any((k, m) in vals for k in keys)]
+    lines = [f"  {'prompt':<30}" + "".join(f"{m:>14}" for m in shown)]
+    for k in keys:
+        lines.append(f"  {k:<30}" + "".join(f"{vals.get((k, m), float('nan')):>14.4f}" for m in shown))
+    return "\n".join(lines)
