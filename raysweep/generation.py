@@ -116,6 +116,17 @@ def generate(
     return replies
 
 
+def check_labels(input_ids: list[list[int]], labels: list[list[int]]) -> None:
+    """Raise ValueError unless every sequence has one label per token and its first is unlabelled."""
+    if len(input_ids) != len(labels):
+        raise ValueError(f"{len(input_ids)} sequences but {len(labels)} label lists")
+    for n, (ids, lab) in enumerate(zip(input_ids, labels)):
+        if len(ids) != len(lab):
+            raise ValueError(f"sequence {n}: {len(ids)} tokens but {len(lab)} labels")
+        if lab and lab[0] != IGNORE:
+            raise ValueError(f"sequence {n}: the first token has no context to be predicted from")
+
+
 def token_logprobs(
     model, input_ids: list[list[int]], labels: list[list[int]], *, batch_size: int = 16
 ) -> list[np.ndarray]:
@@ -128,13 +139,7 @@ def token_logprobs(
     """
     import torch
 
-    if len(input_ids) != len(labels):
-        raise ValueError(f"{len(input_ids)} sequences but {len(labels)} label lists")
-    for n, (ids, lab) in enumerate(zip(input_ids, labels)):
-        if len(ids) != len(lab):
-            raise ValueError(f"sequence {n}: {len(ids)} tokens but {len(lab)} labels")
-        if lab and lab[0] != IGNORE:
-            raise ValueError(f"sequence {n}: the first token has no context to be predicted from")
+    check_labels(input_ids, labels)
     device = _device(model)
     result = [np.zeros(0, dtype=np.float64) for _ in input_ids]
     with torch.inference_mode():

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..data import Messages, assistant_spans, with_prefix
+from ..generation import check_labels
 
 IGNORE = -100  # label of tokens that are not scored
 VARIANTS = ("default", "fixed", "mix")
@@ -242,13 +243,7 @@ def score_sequences(
     """
     import torch
 
-    if len(input_ids) != len(labels):
-        raise ValueError(f"{len(input_ids)} sequences but {len(labels)} label lists")
-    for n, (ids, lab) in enumerate(zip(input_ids, labels)):
-        if len(ids) != len(lab):
-            raise ValueError(f"sequence {n}: {len(ids)} tokens but {len(lab)} labels")
-        if lab and lab[0] != IGNORE:
-            raise ValueError(f"sequence {n}: the first token has no context to be predicted from")
+    check_labels(input_ids, labels)
     result = [np.zeros(0, dtype=np.float64) for _ in input_ids]
     todo = [i for i, lab in enumerate(labels) if any(y != IGNORE for y in lab)]
     if not todo:
