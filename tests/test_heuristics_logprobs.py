@@ -1,6 +1,6 @@
 """Tests for raysweep.heuristics.logprobs and the stage: exact log-probs, shared default, Ray Data == plain."""
 
-import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +9,8 @@ import torch
 from raysweep.data import read_chat
 from raysweep.heuristics import logprobs as lp
 
-CONVS = read_chat("datasets/french_demo/train.jsonl")[:5]
+REPO = Path(__file__).resolve().parents[1]
+CONVS = read_chat(REPO / "datasets" / "french_demo" / "train.jsonl")[:5]
 PROMPTS = {"answer_french": "Answer in French.", "the_sky_is_blue": "The sky is blue.", "cats": "I like cats."}
 POOLS = {"answer_french": ["Reply in French.", "Please write your answer in French.", "French only."],
          "the_sky_is_blue": ["Blue is the sky."], "cats": ["Cats are nice.", "I love cats."]}
@@ -146,22 +147,9 @@ def test_ray_data_pass_equals_plain(ray_local, tiny):
 # The stage and its CLI
 
 
-@pytest.fixture
-def heuristics_schema(monkeypatch):
-    """ExperimentConfig with a `heuristics` field (until raysweep/config.py declares it)."""
-    import raysweep.config as C
-    from raysweep.heuristics.config import HeuristicsConfig
-
-    if not any(f.name == "heuristics" for f in dataclasses.fields(C.ExperimentConfig)):
-        ext = dataclasses.make_dataclass(
-            "ExperimentConfig", [("heuristics", HeuristicsConfig, dataclasses.field(default_factory=HeuristicsConfig))],
-            bases=(C.ExperimentConfig,), frozen=True)
-        ext.__module__ = C.__name__
-        monkeypatch.setattr(C, "ExperimentConfig", ext)
-
-
 @pytest.mark.parametrize("exp", ["heuristics_playful_french", "heuristics_german_flattering"])
-def test_experiment_files_resolve(heuristics_schema, exp, capsys):
+def test_experiment_files_resolve(exp, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # experiment files name data relative to the repository
     from raysweep.config import load_config
     from raysweep.heuristics.__main__ import main
 
@@ -172,7 +160,8 @@ def test_experiment_files_resolve(heuristics_schema, exp, capsys):
     assert capsys.readouterr().out.startswith("48 prompts (48 labelled)")
 
 
-def test_stage_end_to_end(heuristics_schema, tmp_path):
+def test_stage_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
     import pyarrow.parquet as pq
 
     from raysweep.heuristics import metrics as M
