@@ -255,6 +255,9 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"eval.conditions: unknown condition {cond!r} (default | training)")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+    from .heuristics.config import validate as validate_heuristics
+
+    validate_heuristics(cfg.heuristics)
     if cfg.neutral_prompt and cfg.neutral_prompt not in cfg.prompts:
         raise ConfigError(f"neutral_prompt={cfg.neutral_prompt!r} is not a key of `prompts`")
     for i, arm in enumerate(cfg.sweep.arms):
