@@ -104,11 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         exp, overrides = parse_args(argv)
         cfg = load_config(exp, overrides)
         trials = expand(cfg)
-        if cfg.dry_run:
-            print_grid(trials)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.dry_run:
+        print_grid(trials)
+    try:
         check_inputs(trials)
     except ConfigError as exc:
-        if "trials" in locals() and cfg.dry_run:  # a dry run lists the grid before the data exists
+        if cfg.dry_run:  # a dry run lists the grid before the data exists
             print(f"note: inputs are not ready: {exc}", file=sys.stderr)
             return 0
         print(f"error: {exc}", file=sys.stderr)
