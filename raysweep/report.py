@@ -13,10 +13,11 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -25,6 +26,8 @@ from . import analysis as A
 
 USAGE = "usage: python -m raysweep.report exp=NAME [storage=runs]"
 TABLES = ("trials", "scores", "losses", "heldout_logprob", "heuristics")
+# Tables of other stages, read when present: the heuristics stage's angles, prompts and suppression input.
+EXTRA_TABLES = ("angles", "prompts", "suppression")
 CI_NOTE = "95% CI = mean ± 1.96 × std(ddof=1)/√n over questions (samples of a question averaged first)"
 BUNDLE = "vega-bundle.js"
 EM_TRAITS = ("coherence", "aligned", "alignment")  # judged for the EM rate, not traits to suppress
@@ -50,6 +53,7 @@ class Run:
     heldout: pl.DataFrame | None
     heuristics: pl.DataFrame | None
     description: str = ""
+    extra: dict[str, pl.DataFrame] = field(default_factory=dict)  # EXTRA_TABLES found with rows
 
     @property
     def order(self) -> list[str]:
@@ -64,16 +68,17 @@ def load_run(exp_dir: Path) -> Run:
     if not exp_dir.is_dir():
         raise ReportError(f"no experiment directory {exp_dir} (run `python -m raysweep.run exp={exp_dir.name}` first)")
     found = {}
-    for name in TABLES:
+    for name in TABLES + EXTRA_TABLES:
         path = exp_dir / f"{name}.parquet"
         if path.is_file():
             df = pl.read_parquet(path)
             found[name] = df if df.height else None
-    if not any(found.get(t) is not None for t in TABLES[:4]):
-        raise ReportError(f"no tables with rows in {exp_dir} (expected {', '.join(t + '.parquet' for t in TABLES[:4])})")
+    if not any(found.get(t) is not None for t in TABLES):
+        raise ReportError(f"no tables with rows in {exp_dir} (expected {', '.join(t + '.parquet' for t in TABLES)})")
     trials = found.get("trials")
     if trials is None:  # label the trials by id so the score charts still work
-        ids = pl.concat([found[t].select("trial_id") for t in ("scores", "losses", "heldout_logprob") if found.get(t) is not None])
+        ids = [found[t].select("trial_id") for t in ("scores", "losses", "heldout_logprob") if found.get(t) is not None]
+        ids = pl.concat(ids) if ids else pl.DataFrame(schema={"trial_id": pl.String})  # a heuristics-only run
         trials = ids.unique(maintain_order=True).with_columns(
             label=pl.col("trial_id"), status=pl.lit(""), defense=pl.lit(""), prompt=pl.lit(""), mode=pl.lit(""),
             placement=pl.lit(""), control_id=pl.lit(""), neutral_id=pl.lit(""), axes=pl.lit("{}"), steps=pl.lit(-1))
@@ -86,7 +91,7 @@ def load_run(exp_dir: Path) -> Run:
         except (yaml.YAMLError, AttributeError):
             description = ""  # the page loses a sentence, not the report
     return Run(exp_dir.name, exp_dir, trials, found.get("scores"), found.get("losses"), found.get("heldout_logprob"),
-               found.get("heuristics"), description)
+               found.get("heuristics"), description, {t: found[t] for t in EXTRA_TABLES if found.get(t) is not None})
 
 
 def _effect_scores(run: Run) -> pl.DataFrame:
@@ -399,6 +404,103 @@ def chart_heuristics(run: Run):
         "one point per trial (bars = 95% CI, paired over questions); line = OLS fit with its 95% CI band"))
 
 
+_EMBEDDING = re.compile(r"^(pca|svd)_point_(.+)_(?:pc|sv)([12])$")
+_METHOD = {"pca": "PCA (mean-centred)", "svd": "TruncatedSVD (uncentred)"}
+
+
+def _prompt_order(run: Run, keys: list[str]) -> list[str]:
+    """Prompts grouped by trait label (prompts.parquet), then by key: blocks show in heatmaps."""
+    labels = dict(zip(run.extra["prompts"]["prompt_key"], run.extra["prompts"]["label"])) if "prompts" in run.extra else {}
+    return sorted(set(keys), key=lambda k: (labels.get(k, ""), k))
+
+
+def _prompt_labels(run: Run) -> pl.DataFrame:
+    if "prompts" in run.extra:
+        return run.extra["prompts"].select(pl.col("prompt_key").alias("prompt"), pl.col("label").alias("group"))
+    return pl.DataFrame(schema={"prompt": pl.String, "group": pl.String})
+
+
+def _prompt_suppression(run: Run) -> pl.DataFrame | None:
+    """(prompt, mode, suppression): the heuristics stage's suppression input, else this run's IP trials."""
+    if "suppression" in run.extra:
+        return run.extra["suppression"].select(pl.col("prompt_key").alias("prompt"), pl.col("prefix_type").alias("mode"),
+                                               pl.col("suppression").cast(pl.Float64))
+    if run.scores is None or not _control_pairs(run):
+        return None
+    try:
+        scores = _effect_scores(run)
+    except Skip:
+        return None
+    s = A.at_final_step(A.suppression(scores, run.trials)).filter(pl.col("prompt") != "")
+    return s.group_by("prompt", "mode").agg(suppression=pl.col("mean").mean()) if s.height else None
+
+
+def chart_embeddings(run: Run):
+    """Points: each prompt's PCA / SVD coordinates of its point-wise W row, coloured by suppression."""
+    alt = _alt()
+    h = _need(run.heuristics, "heuristics.parquet")
+    evr = {m: v for k, m, v in h.iter_rows() if k == ""}
+    coords: dict[tuple[str, str, str], dict[str, float]] = {}
+    for key, metric, value in h.iter_rows():
+        m = _EMBEDDING.match(metric)
+        if key and m:
+            coords.setdefault((m[1], m[2], key), {})[f"c{m[3]}"] = value
+    rows = []
+    for (method, variant, key), c in coords.items():
+        if {"c1", "c2"} <= set(c):
+            e1, e2 = (evr.get(f"{method}_point_{variant}_evr{j}", math.nan) for j in (1, 2))
+            panel = f"{_METHOD[method]} of W_{variant}: explained variance {e1:.0%} + {e2:.0%}"
+            rows.append({"prompt": key, "mode": variant, "panel": panel, "c1": c["c1"], "c2": c["c2"]})
+    if not rows:
+        raise Skip("heuristics.parquet has no PCA/SVD coordinates (metric family 'decomposition')")
+    df = pl.DataFrame(rows).join(_prompt_labels(run), on="prompt", how="left").with_columns(pl.col("group").fill_null(""))
+    effects = _prompt_suppression(run)
+    coloured = effects is not None
+    df = df.join(effects, on=["prompt", "mode"], how="left") if coloured else df.with_columns(suppression=pl.lit(None, pl.Float64))
+    df = _clean(df)
+    tip = ["prompt:N", "group:N", alt.Tooltip("c1:Q", format=".3f"), alt.Tooltip("c2:Q", format=".3f"),
+           alt.Tooltip("suppression:Q", format=".1f")]
+    base = alt.Chart().encode(x=alt.X("c1:Q", title="component 1 (coordinate)"),
+                              y=alt.Y("c2:Q", title="component 2 (coordinate)"), tooltip=tip,
+                              shape=alt.Shape("group:N", title="trait group"))
+    layers = [base.mark_point(size=70, filled=True, color="lightgray")]
+    if coloured:
+        layers.append(base.transform_filter("isValid(datum.suppression)").mark_point(size=70, filled=True).encode(
+            color=alt.Color("suppression:Q", title="suppression (points)", scale=alt.Scale(scheme="viridis"))))
+    note = ("colour = suppression vs the no-defense control (grey: no trial for that prompt and prefix type)"
+            if coloured else "no suppression available for these prompts (no control-paired trials, no suppression table)")
+    return (
+        alt.layer(*layers, data=df).properties(width=300, height=260)
+        .facet(facet=alt.Facet("panel:N", title=None), columns=2)
+        .resolve_scale(x="independent", y="independent")
+        .properties(title=_title(f"{run.name}: prompt embeddings from the point-wise W matrices", note,
+                                 "one point per prompt (its row of W: logprob shifts over training examples)"))
+    )
+
+
+def chart_angles(run: Run):
+    """Heatmaps: pairwise angles between prompts in raw W and its 2-D PCA / SVD coordinates."""
+    alt = _alt()
+    a = _need(run.extra.get("angles"), "angles.parquet (the heuristics stage)").filter(pl.col("granularity") == "point")
+    if not a.height:
+        raise Skip("angles.parquet has no point-wise angles")
+    order = _prompt_order(run, a["prompt_a"].to_list())
+    df = _clean(a.filter(pl.col("prompt_a") != pl.col("prompt_b")))
+    axis = alt.Axis(labelFontSize=8, labelLimit=120)
+    return (
+        alt.Chart(df).mark_rect().encode(
+            x=alt.X("prompt_a:N", sort=order, title="prompt", axis=axis),
+            y=alt.Y("prompt_b:N", sort=order, title="prompt", axis=axis),
+            color=alt.Color("angle_deg:Q", title="angle (degrees)", scale=alt.Scale(scheme="viridis")),
+            tooltip=["prompt_a:N", "prompt_b:N", alt.Tooltip("angle_deg:Q", format=".1f")])
+        .properties(width=alt.Step(9), height=alt.Step(9))
+        .facet(row=alt.Row("representation:N", title="representation (raw W, PCA-2, SVD-2)"),
+               column=alt.Column("variant:N", title="prefix type"))
+        .properties(title=_title(f"{run.name}: pairwise angles between prompts (point-wise W rows)",
+                                 "arccos of the cosine between two prompts' vectors; prompts grouped by trait"))
+    )
+
+
 CHARTS: list[tuple[str, str, Callable]] = [
     ("final_scores", "Trait score at the final step", chart_final_scores),
     ("suppression", "Suppression vs the controls", chart_suppression),
@@ -409,6 +511,8 @@ CHARTS: list[tuple[str, str, Callable]] = [
     ("heldout_logprob", "Held-out logprob over training", chart_heldout),
     ("em_rate", "Emergent-misalignment rate", chart_em),
     ("heuristics", "Heuristics vs suppression", chart_heuristics),
+    ("embeddings", "Prompt embeddings (PCA / SVD of W)", chart_embeddings),
+    ("angles", "Angles between prompts", chart_angles),
 ]
 
 

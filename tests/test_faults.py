@@ -125,9 +125,15 @@ def test_kill_during_table_writes_leaves_complete_or_absent(tmp_path):
     assert all(p.name.startswith(".losses.parquet.") for p in leftovers)  # only hidden temp files
 
 
-def start_node(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([RAY, "start", "--block", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+def start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start --block` in its own session, its output kept in `log` for failure messages."""
+    with open(log, "w") as out:
+        return subprocess.Popen([RAY, "start", "--block", *args], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+
+
+def tail(path: Path, n: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
 
 def stop_node(proc: subprocess.Popen) -> None:
@@ -147,6 +153,10 @@ def test_multi_node_sweep_spreads_and_survives_a_lost_node(project):
     port = 26379 + os.getpid() % 1000
     # Ray 2.60 authenticates cluster RPCs with a token: every node and the driver share one.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # The session's local Ray sets RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (loopback only); with it a
+    # joining worker node refuses to start ("multi-node clusters are not supported"). These nodes
+    # are kept on loopback by --node-ip-address instead.
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     status_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
 
     def nodes_up(n: int):
@@ -155,8 +165,20 @@ def test_multi_node_sweep_spreads_and_survives_a_lost_node(project):
             return out.returncode == 0 and out.stdout.count(" node_") >= n
         return check
 
+    # Every node gets its own fixed ports: Ray's defaults (agent 52365, client server 10001)
+    # would collide between nodes on one machine and with the session's local Ray.
+    def ports(i: int) -> list[str]:
+        base = port + 100 * i
+        return [f"--dashboard-agent-listen-port={base + 1}", f"--dashboard-agent-grpc-port={base + 2}",
+                f"--metrics-export-port={base + 3}", f"--runtime-env-agent-port={base + 4}",
+                f"--node-manager-port={base + 5}", f"--object-manager-port={base + 6}",
+                f"--min-worker-port={base + 10}", f"--max-worker-port={base + 60}"]
+
+    logs = project / "nodes"
+    logs.mkdir()
     head = start_node(["--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
-                       "--node-ip-address=127.0.0.1"], env)
+                       f"--ray-client-server-port={port + 1}", "--node-ip-address=127.0.0.1", *ports(1)],
+                      env, logs / "head.log")
     workers = []
     slow = EXPERIMENT.replace("max_steps: 4", "max_steps: 16").replace("checkpoints: final", "checkpoints: final, resume_every: 2")
     (project / "experiments" / "tiny.yaml").write_text(slow)
@@ -166,22 +188,26 @@ def test_multi_node_sweep_spreads_and_survives_a_lost_node(project):
         wait_for(nodes_up(1), 120, "the head node")
         for n in (2, 3):  # one at a time; a worker start that hangs under load is retried
             for attempt in range(3):
+                log = logs / f"worker{n}-{attempt}.log"
                 worker = start_node([f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                                     "--node-ip-address=127.0.0.1"], env)
+                                     "--node-ip-address=127.0.0.1", *ports(n)], env, log)
                 try:
                     wait_for(nodes_up(n), 60, f"{n} Ray nodes")
                     workers.append(worker)
                     break
-                except AssertionError:
+                except AssertionError as e:
                     stop_node(worker)
                     if attempt == 2:
-                        raise
+                        raise AssertionError(f"{e}\nworker log:\n{tail(log)}\nhead log:\n{tail(logs / 'head.log')}") from None
         driver = cli(project, "exp=tiny", env=status_env)
         # Stop the worker node of a running trial once it has saved some state.
         def running_pids():
             return [int((Path(p).parent / "pid").read_text()) for p in glob.glob(str(exp / "trials" / "*" / "resume.json"))
                     if not (Path(p).parent / "done.json").exists() and json.loads(Path(p).read_text())["step"] >= 4]
-        wait_for(lambda: running_pids(), 300, "a running trial with saved state")
+        try:
+            wait_for(lambda: running_pids(), 300, "a running trial with saved state")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\ndriver log:\n{tail(project / 'driver.log')}") from None
         victim_pid = running_pids()[0]
         victim = next(w for w in workers if victim_pid in _descendants(w.pid))
         stop_node(victim)

@@ -193,3 +193,20 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     assert main(args) == 0
     assert (out / "cache" / "logprobs.parquet").stat().st_mtime_ns == mtime
     assert main(["exp=heuristics_playful_french", "heuristics.groups=[nope]"]) == 2
+
+    # The report of a heuristics-only run draws the prompt embeddings (coloured by the given
+    # suppression) and the angle heatmaps from these tables.
+    import polars as pl
+
+    from raysweep.report import build_report, chart_embeddings, load_run
+
+    prompts = pl.read_parquet(out / "prompts.parquet")
+    assert prompts.height == 12 and set(prompts["label"]) == {"playful", "neutral"}
+    run = load_run(out)
+    layers = chart_embeddings(run).to_dict()["spec"]["layer"]
+    assert len(layers) == 2  # grey points under the ones coloured by suppression
+    index, failures = build_report(out)
+    assert not failures
+    for name in ("embeddings", "angles"):
+        assert (out / "report" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"{name}.html" in index.read_text()

@@ -1,8 +1,9 @@
 """One experiment's heuristics stage: read inputs, run the logprob pass, compute every metric, write tables.
 
 Writes to <storage>/<exp>/: logprobs.parquet, token_logprobs.parquet, selfperp.parquet,
-heuristics.parquet, angles.parquet, heuristic_performance.parquet (when a suppression
-table is given) and heuristics.yaml (the settings used). Every input is read before the
+heuristics.parquet, angles.parquet, prompts.parquet (prompt_key, label = trait group, text),
+heuristic_performance.parquet and suppression.parquet (when a suppression table is given: a
+copy of it, so the report colours prompt embeddings by it) and heuristics.yaml (the settings used). Every input is read before the
 model loads; a bad one fails naming the file.
 """
 
@@ -18,7 +19,8 @@ from ..config import ConfigError
 from ..data import Messages, read_chat, read_pool, shuffled
 from .config import HeuristicsConfig, validate
 
-TABLES = ("logprobs", "token_logprobs", "selfperp", "heuristics", "angles", "heuristic_performance")
+TABLES = ("logprobs", "token_logprobs", "selfperp", "heuristics", "angles", "prompts", "heuristic_performance",
+          "suppression")
 
 
 def resolve_prompts(h: HeuristicsConfig, library: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -165,8 +167,11 @@ def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> di
                                    "heuristics": heuristics_table(inp, h.metrics)}
     if not h.metrics or "angles" in h.metrics:
         tables["angles"] = angle_table(inp)
+    tables["prompts"] = pa.table({"prompt_key": list(prompts), "label": [labels.get(k, "") for k in prompts],
+                                  "text": list(prompts.values())})
     if suppression is not None:
         tables["heuristic_performance"] = heuristic_performance(tables["heuristics"], suppression)
+        tables["suppression"] = suppression
     paths = {name: write_table(out / f"{name}.parquet", t) for name, t in tables.items()}
     write_text(out / "heuristics.yaml", _settings_yaml(cfg, h))
     print(f"  {tables['heuristics'].num_rows} heuristic values; tables in {out} ({time.time() - t0:.1f}s)")
