@@ -1,9 +1,17 @@
 """The minimal evaluation run at checkpoints: answers to held-out questions under each
 condition, their trait scores, and the judge-free held-out trait logprob.
 
-Conditions: `default` = the question alone (the template's default system prompt, no
-defensive object); `training` = the trial's own defensive object (same prefix / system
-prompt / steering as in training; mix draws a seeded rephrasing per question).
+Conditions (eval.conditions):
+- `default`: the question alone, so the chat template's default system prompt applies;
+- `training`: the trial's own defensive object (same prefix / system prompt / steering as
+  in training; mix draws a seeded rephrasing per question);
+- `added_back`: a prompt added at eval time to every trial, controls included
+  (conditionalization): eval.added_back, else the trial's own inoculation prompt (for mix,
+  the prompt itself, not a rephrasing), placed per eval.added_back_placement;
+- `reinjected`: the question alone with steering added at eval time through forward
+  hooks: eval.reinject, else the trial's own defense.pps;
+- `system:<text>`: the question alone under the system prompt <text> (whitespace around
+  it stripped).
 """
 
 from __future__ import annotations
@@ -12,13 +20,13 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 
-from .config import ExperimentConfig
-from .data import Encoded, question_messages
-from .defenses import Defense
+from .config import ConfigError, ExperimentConfig, SteerConfig
+from .data import Encoded, Messages, question_messages, with_prefix
+from .defenses import Defense, load_vector, steer
 from .judges import Scorer
 
 
@@ -40,18 +48,81 @@ def _memo(cache: Path | None, key: Any, compute: Callable[[], Any]) -> Any:
     return value
 
 
-def condition_conversations(questions: list[str], condition: str, defense: Defense, seed: int):
+def condition_conversations(
+    questions: list[str], condition: str, defense: Defense, seed: int, cfg: ExperimentConfig | None = None,
+) -> list[Messages]:
+    """The messages of each question under `condition`; `added_back` reads its text from `cfg`."""
     base = [question_messages(q) for q in questions]
-    if condition == "default":
+    if condition in ("default", "reinjected"):
         return base
-    return defense.conversations(base, _seed("eval-draws", seed))
+    if condition == "training":
+        return defense.conversations(base, _seed("eval-draws", seed))
+    if condition.startswith("system:"):
+        return [with_prefix(c, condition[len("system:"):].strip(), "system") for c in base]
+    if condition == "added_back":
+        if cfg is None:
+            raise ValueError("the added_back condition needs the trial's config (cfg)")
+        text, placement = added_back_prompt(cfg)
+        return [with_prefix(c, text, placement) for c in base]
+    raise ConfigError(f"eval.conditions: unknown condition {condition!r}")
+
+
+def added_back_prompt(cfg: ExperimentConfig) -> tuple[str, str]:
+    """(text, placement) of the added_back condition for this trial."""
+    e, ip = cfg.eval, cfg.defense.ip
+    text = e.added_back or ip.text
+    if not text:
+        raise ConfigError("added_back: this trial has no inoculation prompt; set eval.added_back")
+    # A trial without IP has the default IPConfig, whose placement is user_prefix.
+    return text, ip.placement if e.added_back_placement == "ip" else e.added_back_placement
+
+
+def condition_steering(condition: str, cfg: ExperimentConfig) -> list[SteerConfig]:
+    """The steering vectors on under `condition` (empty: no hooks from steering)."""
+    if condition == "training":
+        return list(cfg.defense.pps)
+    if condition == "reinjected":
+        if not (cfg.eval.reinject or cfg.defense.pps):
+            raise ConfigError("reinjected: this trial has no defense.pps; set eval.reinject")
+        return list(cfg.eval.reinject or cfg.defense.pps)
+    return []
+
+
+def condition_hooks(condition: str, cfg: ExperimentConfig, defense: Defense, model) -> ContextManager[None]:
+    """Forward hooks on while answering under `condition` (a no-op context for prompt-only ones).
+
+    `training` is the trial's own defense (whatever hooks it has); `reinjected` adds
+    condition_steering's vectors through defenses.steer.
+    """
+    if condition == "training":
+        return defense.active(model)
+    steering = condition_steering(condition, cfg)
+    if not steering:
+        return contextlib.nullcontext()
+    return steer(model, [(load_vector(s, model), s.layer, s.coef) for s in steering])
+
+
+def score_rows(
+    keys: list[dict[str, Any]], prompts: list[str], answers: list[str], judges: dict[str, Scorer],
+) -> list[dict[str, Any]]:
+    """`scores` rows: one per (answer, trait), with the judge's name, the prompt it was sent,
+    its raw reply and the reason when unscored. `keys` hold each answer's identifying columns."""
+    rows = []
+    for trait, judge in judges.items():
+        for key, g in zip(keys, judge.grade(prompts, answers), strict=True):
+            rows.append({**key, "trait": trait, "score": g.score, "judge": judge.name, "reason": g.reason,
+                         "judge_prompt": g.judge_prompt, "raw": g.raw})
+    return rows
 
 
 def evaluate_step(
     model, tokenizer, cfg: ExperimentConfig, trial_id: str, step: int, defense: Defense,
-    questions: list[str], heldout: list[Encoded], judge: Scorer, cache: Path | None = None,
+    questions: list[str], heldout: list[Encoded], judges: dict[str, Scorer] | Scorer, cache: Path | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Rows for the completions, scores and heldout_logprob tables at one checkpoint.
+
+    `judges` maps trait -> scorer (judges.make_judges: eval.trait, plus coherence and
+    alignment when eval.em is on); a single scorer scores eval.trait.
 
     At step 0 the adapter is the identity (LoRA B = 0), so answers and held-out logprobs
     are the base model's: with `cache`, each distinct set of messages (and steering) is
@@ -60,13 +131,13 @@ def evaluate_step(
     from .generation import generate, token_logprobs
 
     e = cfg.eval
+    judges = judges if isinstance(judges, dict) else {e.trait: judges}
     base = {"model": cfg.model, "eval": e, "seed": cfg.seed}
     completions, scores = [], []
     for condition in e.conditions:
-        convs = condition_conversations(questions, condition, defense, cfg.seed)
+        convs = condition_conversations(questions, condition, defense, cfg.seed, cfg)
         rows = [(qid, s, c) for qid, c in enumerate(convs) for s in range(e.n_samples)]
-        hooks = defense.active(model) if condition == "training" else contextlib.nullcontext()
-        with hooks:
+        with condition_hooks(condition, cfg, defense, model):
             # The same seed for every trial and step: samples are paired across trials.
             def sample() -> list[str]:
                 return generate(
@@ -76,17 +147,12 @@ def evaluate_step(
                 )
 
             # Step 0 is the base model: the answers depend only on the messages (and steering).
-            steering = cfg.defense.pps if condition == "training" else []
+            steering = condition_steering(condition, cfg)
             key = {**base, "generate": [c for _, _, c in rows], "steering": steering}
             texts = _memo(cache if step == 0 else None, key, sample)
-        prompts = [c[-1]["content"] if c[-1]["role"] == "user" else "" for _, _, c in rows]
-        system = [next((m["content"] for m in c if m["role"] == "system"), None) for _, _, c in rows]
-        graded = judge(prompts, texts)
-        for (qid, sample, _), prompt, sys_prompt, text, (score, reason) in zip(rows, prompts, system, texts, graded):
-            key = {"trial_id": trial_id, "step": step, "condition": condition, "question_id": qid, "sample": sample}
-            shown = prompt if sys_prompt is None else f"[system] {sys_prompt}\n{prompt}"
-            completions.append({**key, "prompt": shown, "completion": text})
-            scores.append({**key, "trait": e.trait, "score": score, "judge": judge.name, "reason": reason})
+        c_rows, s_rows = answer_rows(trial_id, step, condition, rows, texts, judges)
+        completions.extend(c_rows)
+        scores.extend(s_rows)
     heldout_rows = []
     if e.heldout_logprob and heldout:
         def logprobs() -> list[list[float]]:
@@ -94,9 +160,31 @@ def evaluate_step(
             return [lp.tolist() for lp in token_logprobs(model, ids, labels, batch_size=e.batch_size)]
 
         lps = _memo(cache if step == 0 else None, {**base, "heldout": [h.input_ids for h in heldout]}, logprobs)
-        for i, lp in enumerate(lps):
-            heldout_rows.append(
-                {"trial_id": trial_id, "step": step, "example_id": i,
-                 "logprob": float(np.mean(lp)) if len(lp) else float("nan"), "n_tokens": int(len(lp))}
-            )
+        heldout_rows = heldout_logprob_rows(trial_id, step, lps)
     return {"completions": completions, "scores": scores, "heldout_logprob": heldout_rows}
+
+
+def answer_rows(
+    trial_id: str, step: int, condition: str, rows: list[tuple[int, int, Messages]], texts: list[str],
+    judges: dict[str, Scorer],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(completions rows, scores rows) of the answers `texts` to `rows` = (question id, sample, messages).
+
+    Shared by the in-trial evaluation and the post-sweep one (posteval.py).
+    """
+    prompts = [c[-1]["content"] if c[-1]["role"] == "user" else "" for _, _, c in rows]
+    system = [next((m["content"] for m in c if m["role"] == "system"), None) for _, _, c in rows]
+    keys = [{"trial_id": trial_id, "step": step, "condition": condition, "question_id": qid, "sample": sample}
+            for qid, sample, _ in rows]
+    completions = []
+    for key, prompt, sys_prompt, text in zip(keys, prompts, system, texts, strict=True):
+        shown = prompt if sys_prompt is None else f"[system] {sys_prompt}\n{prompt}"
+        completions.append({**key, "prompt": shown, "completion": text})
+    return completions, score_rows(keys, prompts, texts, judges)
+
+
+def heldout_logprob_rows(trial_id: str, step: int, lps) -> list[dict[str, Any]]:
+    """`heldout_logprob` rows: the mean per-token logprob of each held-out completion."""
+    return [{"trial_id": trial_id, "step": step, "example_id": i,
+             "logprob": float(np.mean(lp)) if len(lp) else float("nan"), "n_tokens": int(len(lp))}
+            for i, lp in enumerate(lps)]

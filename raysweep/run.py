@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import ConfigError, ExperimentConfig, load_config, to_yaml
+from .engine import resolve_backend
+from .storage import open_store
 from .sweep import Trial, check_inputs, expand
 from .tables import concat_parts, write_table, write_text
 from .trial import EVAL_TABLES, is_done, prepare, trial_dir
@@ -98,6 +100,17 @@ def show_summary(exp_dir: Path, cfg: ExperimentConfig) -> None:
           "default condition = the template's default: no system prompt")
 
 
+def post_sweep_eval(exp_dir: Path, trials: list[Trial], cfg: ExperimentConfig) -> None:
+    """eval.backend=vllm: the finished trials' unevaluated checkpoints, in one engine job (posteval.py)."""
+    from .posteval import evaluate_sweep
+    from .tune_adapter import ensure_ray
+
+    ensure_ray(dashboard=cfg.dashboard)
+    n = evaluate_sweep(exp_dir, trials, num_cpus=max(1, int(cfg.sweep.cpus_per_trial)),
+                       num_gpus=1 if cfg.sweep.gpus_per_trial else 0)
+    print(f"{cfg.name}: evaluated {n} checkpoints after the sweep (eval.backend=vllm)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -119,23 +132,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.dry_run:
         return 0
-    exp_dir = Path(cfg.storage) / cfg.name
     try:
+        # A directory is used in place; an object store is mirrored in a local scratch
+        # directory (exp_dir): pull the trials' markers and parts, push what the driver writes.
+        store = open_store(cfg.storage, cfg.name)
+        exp_dir = store.exp_dir
+        store.pull("trials", skip=("resume_",))
         write_text(exp_dir / "config.yaml", to_yaml(cfg))
         for t in trials:
             prepare(exp_dir, t.id, t.config, t.label)
+        store.push("config.yaml")
+        store.push("trials")
+    except ConfigError as exc:  # storage unusable (storage.StorageError) or a bad URI
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"error: storage={cfg.storage!r} is not writable: {exc}", file=sys.stderr)
         return 2
     todo = [t for t in trials if not is_done(exp_dir, t.id)]
-    print(f"{cfg.name}: {len(trials)} trials, {len(trials) - len(todo)} finished, {len(todo)} to run -> {exp_dir}")
+    print(f"{cfg.name}: {len(trials)} trials, {len(trials) - len(todo)} finished, {len(todo)} to run -> {store.uri}")
     errors = {}
     if todo:
         from .tune_adapter import run_trials
 
-        errors = run_trials(todo, exp_dir, cfg.sweep, cfg.name, dashboard=cfg.dashboard)
+        errors = run_trials(todo, store, cfg.sweep, cfg.name, dashboard=cfg.dashboard)
+        store.pull("trials", skip=("resume_",))
+    if resolve_backend(cfg.eval.backend) == "vllm":
+        from .posteval import pending_steps
+
+        for t, step in pending_steps(exp_dir, trials):  # from an object store: the adapters it will read
+            store.pull(f"adapters/{t.id}/step_{step}")
+        post_sweep_eval(exp_dir, trials, cfg)
+        store.push("trials")
     gather(exp_dir, trials, cfg.neutral_prompt, errors)
     show_summary(exp_dir, cfg)
+    store.push("", recursive=False)  # the experiment's tables, each one object
     if errors:
         for tid, err in errors.items():
             print(f"error: trial {tid} failed: {err}", file=sys.stderr)

@@ -8,7 +8,10 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, DefenseConfig, ExperimentConfig, IPConfig, SweepConfig, apply_overrides, trial_id
+from .config import (
+    ConfigError, DefenseConfig, ExperimentConfig, IPConfig, SteerConfig, SweepConfig, apply_overrides, trial_id,
+    validate_trial,
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
     ip = cfg.defense.ip
     # Settings of an unused defense must not change a trial's identity.
     if cfg.defense.kind == "none":
-        return replace(cfg, defense=DefenseConfig())
+        return replace(cfg, defense=DefenseConfig(grad=cfg.defense.grad))
     if cfg.defense.kind == "pps":
         if not cfg.defense.pps:
             raise ConfigError("defense.kind=pps needs at least one entry in defense.pps")
@@ -82,6 +85,12 @@ def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def label(cfg: ExperimentConfig) -> str:
+    g = cfg.defense.grad
+    grad = "" if g.mode == "none" else f"+grad:{g.mode}:{Path(g.vector).stem}"
+    return _defense_label(cfg) + grad
+
+
+def _defense_label(cfg: ExperimentConfig) -> str:
     d = cfg.defense
     if d.kind == "none":
         return "control"
@@ -105,6 +114,7 @@ def expand(cfg: ExperimentConfig) -> list[Trial]:
                 tree = _merge(tree, _nest(key, value))
             try:
                 t = resolve(apply_overrides(cfg, tree))
+                validate_trial(t)
             except ConfigError as exc:
                 raise ConfigError(f"sweep arm {arm}: {exc}") from None
             t = replace(t, sweep=SweepConfig(arms=[], grid={}))
@@ -140,6 +150,13 @@ def check_inputs(trials: list[Trial]) -> None:
             once("defense.ip.pool", c.defense.ip.pool, read_pool)
         for s in c.defense.pps:
             once("defense.pps", f"{s.vector}|{s.key}|{s.layer}|{c.model.name}", lambda _: _check_vector(s, c.model.name))
+        for s in c.eval.reinject if "reinjected" in c.eval.conditions else []:
+            once("eval.reinject", f"{s.vector}|{s.key}|{s.layer}|{c.model.name}", lambda _: _check_vector(s, c.model.name))
+        g = c.defense.grad
+        if g.mode != "none":
+            for layer in g.layers or [1]:
+                s = SteerConfig(vector=g.vector, key=g.key, layer=layer)
+                once("defense.grad", f"{g.vector}|{g.key}|{layer}|{c.model.name}", lambda _: _check_vector(s, c.model.name))
 
 
 def _check_vector(s, model_name: str) -> None:

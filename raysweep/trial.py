@@ -38,10 +38,17 @@ def is_done(exp_dir: Path, tid: str) -> bool:
 
 
 def prepare(exp_dir: Path, tid: str, cfg: ExperimentConfig, label: str) -> None:
-    """Write the trial's resolved config (before it runs, so any process can run it)."""
+    """Write the trial's resolved config (before it runs, so any process can run it).
+
+    A file that already holds the same text is left alone: a re-run then uploads nothing
+    to an object store (storage.py compares sizes and mtimes).
+    """
     d = trial_dir(exp_dir, tid)
-    write_text(d / "config.yaml", to_yaml(cfg))
-    write_json(d / "config.json", {"trial_id": tid, "label": label, "config": asdict(cfg)})
+    spec = {"trial_id": tid, "label": label, "config": asdict(cfg)}
+    for path, text in ((d / "config.yaml", to_yaml(cfg)),
+                       (d / "config.json", json.dumps(spec, indent=2, sort_keys=True, default=str))):
+        if not (path.is_file() and path.read_text() == text):
+            write_text(path, text)
 
 
 def _save_dir_atomically(save: Callable[[Path], None], dest: Path) -> None:
@@ -90,18 +97,21 @@ def _load_resume(tdir: Path, model, opt, sched) -> tuple[int, list[dict]]:
 
 def run_trial(
     cfg: ExperimentConfig, exp_dir: Path, tid: str, label: str = "", report: Report | None = None,
-    info: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None, saved: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one trial (resuming if a previous attempt left a state).
 
-    `info` (e.g. the Ray node that ran it) is recorded in the trial's done.json.
+    `info` (e.g. the Ray node that ran it) is recorded in the trial's done.json; `saved` is
+    called after every saved state and after done.json (to mirror the files to shared storage).
     """
     import torch
 
     from .data import encode, read_chat, read_questions, shuffled
     from .defenses import make_defense
+    from .engine import resolve_backend
     from .evaluate import evaluate_step
-    from .judges import make_judge
+    from .judges import make_judges
+    from .mech.grad import gradient_manipulation, load_grad_vectors
     from .models import default_system_prompt, load_model
     from .train import Collator, add_lora, checkpoint_steps, example_order, make_optimizer, total_steps, train_step
 
@@ -110,6 +120,7 @@ def run_trial(
     if is_done(exp_dir, tid):
         return json.loads((tdir / "done.json").read_text())
     report = report or (lambda metrics: None)
+    saved = saved or (lambda: None)
     started = time.time()
     tdir.mkdir(parents=True, exist_ok=True)
     write_text(tdir / "pid", str(os.getpid()))
@@ -126,7 +137,7 @@ def run_trial(
     heldout = []
     if cfg.eval.heldout_logprob and cfg.data.heldout:
         heldout = [encode(tok, c, t.max_seq_len) for c in read_chat(cfg.data.heldout, cfg.data.n_heldout)]
-    judge = make_judge(cfg.eval.judge, cfg.eval.trait)
+    judges = make_judges(cfg.eval)
 
     model = add_lora(model, t, cfg.seed)
     total = total_steps(t, len(encoded))
@@ -138,16 +149,19 @@ def run_trial(
         report({"resumed_from": start})
     batches = example_order(len(encoded), total, t.grad_accum, t.batch_size, cfg.seed)
     collate = Collator(tok.pad_token_id)
+    grad_vectors = load_grad_vectors(cfg.defense.grad, model) if cfg.defense.grad.mode != "none" else {}
     adapters = exp_dir / "adapters" / tid
+    # eval.backend=vllm: the adapters are evaluated after the sweep, all in one job (posteval.py).
+    in_trial_eval = resolve_backend(cfg.eval.backend) == "transformers"
 
     def checkpoint(step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if step in ckpts:
             _save_dir_atomically(lambda d: model.save_pretrained(str(d)), adapters / f"step_{step}")
-        if step in eval_steps and not (tdir / "eval" / f"step_{step}.scores.parquet").is_file():
+        if step in eval_steps and in_trial_eval and not (tdir / "eval" / f"step_{step}.scores.parquet").is_file():
             model.eval()
             with torch.inference_mode():
-                rows = evaluate_step(model, tok, cfg, tid, step, defense, questions, heldout, judge, exp_dir / "cache")
+                rows = evaluate_step(model, tok, cfg, tid, step, defense, questions, heldout, judges, exp_dir / "cache")
             for name in EVAL_TABLES:  # scores last: its presence marks the step as evaluated
                 write_table(tdir / "eval" / f"step_{step}.{name}.parquet", rows[name], name)
             for cond in cfg.eval.conditions:
@@ -158,6 +172,7 @@ def run_trial(
                 metrics["heldout_logprob"] = sum(r["logprob"] for r in rows["heldout_logprob"]) / len(rows["heldout_logprob"])
         write_table(tdir / "losses.parquet", losses, "losses")
         _save_resume(tdir, model, opt, sched, step, losses)
+        saved()
         return metrics
 
     if start == 0:
@@ -167,7 +182,7 @@ def run_trial(
         micro = [collate([encoded[i] for i in b]) for b in idx]
         model.train()
         torch.manual_seed(cfg.seed * 100003 + step)  # dropout masks reproduce after a resume
-        with defense.active(model):
+        with defense.active(model), gradient_manipulation(model, grad_vectors, cfg.defense.grad.mode):
             m = train_step(model, opt, sched, micro, t.max_grad_norm)
         losses.append({"trial_id": tid, "step": step, **m})
         metrics = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"]}
@@ -176,6 +191,7 @@ def run_trial(
         elif t.resume_every and step % t.resume_every == 0:
             write_table(tdir / "losses.parquet", losses, "losses")
             _save_resume(tdir, model, opt, sched, step, losses)
+            saved()
         report(metrics)
 
     summary = {
@@ -186,4 +202,5 @@ def run_trial(
         "wall_s": time.time() - started, "resumed_from": start, **(info or {}),
     }
     write_json(tdir / "done.json", summary)
+    saved()
     return summary

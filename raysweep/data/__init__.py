@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, IPConfig
+from ..config import ConfigError, IPConfig
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")

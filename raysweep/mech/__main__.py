@@ -1,0 +1,41 @@
+"""`python -m raysweep.mech exp=NAME [key=value ...]`: the mechanistic stage of one experiment.
+
+The experiment's `mech` section (raysweep/mech/config.py) says which analyses run;
+`dry_run=true` checks the inputs and prints the plan, loading no model.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import ConfigError, load_config
+
+USAGE = "usage: python -m raysweep.mech exp=NAME [key=value ...]   (dry_run=true prints the plan)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    exp = [a for a in argv if a.startswith("exp=")]
+    try:
+        if len(exp) != 1:
+            raise ConfigError(f"name exactly one experiment with exp=NAME\n{USAGE}")
+        cfg = load_config(exp[0].split("=", 1)[1], [a for a in argv if not a.startswith("exp=")])
+        from .stage import check, expand_conditions, run_stage
+
+        if not cfg.mech.analyses:
+            raise ConfigError(f"experiment {cfg.name!r} lists no mech.analyses")
+        if cfg.dry_run:
+            tables = check(cfg)
+            conds = [c.name for c in expand_conditions(cfg.mech)]
+            print(f"analyses {list(cfg.mech.analyses)} on {cfg.model.name}; vectors {sorted(tables)}; "
+                  f"{len(conds)} conditions: {', '.join(conds)}")
+            return 0
+        run_stage(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
