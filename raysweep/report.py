@@ -26,8 +26,9 @@ from . import analysis as A
 
 USAGE = "usage: python -m raysweep.report exp=NAME [storage=runs]"
 TABLES = ("trials", "scores", "losses", "heldout_logprob", "heuristics")
-# Tables of other stages, read when present: the heuristics stage's angles, prompts and suppression input.
-EXTRA_TABLES = ("angles", "prompts", "suppression")
+# Tables of other stages, read when present: the heuristics stage's angles, prompts and suppression
+# input, and the mech stage's (under <exp>/mech/) gradient cosines and losses.
+EXTRA_TABLES = ("angles", "prompts", "suppression", "mech/grad_cosine", "mech/loss")
 CI_NOTE = "95% CI = mean ± 1.96 × std(ddof=1)/√n over questions (samples of a question averaged first)"
 BUNDLE = "vega-bundle.js"
 EM_TRAITS = ("coherence", "aligned", "alignment")  # judged for the EM rate, not traits to suppress
@@ -73,8 +74,9 @@ def load_run(exp_dir: Path) -> Run:
         if path.is_file():
             df = pl.read_parquet(path)
             found[name] = df if df.height else None
-    if not any(found.get(t) is not None for t in TABLES):
-        raise ReportError(f"no tables with rows in {exp_dir} (expected {', '.join(t + '.parquet' for t in TABLES)})")
+    if not any(found.get(t) is not None for t in TABLES + EXTRA_TABLES):
+        raise ReportError(f"no tables with rows in {exp_dir} (expected {', '.join(t + '.parquet' for t in TABLES)}, "
+                          "or the mech stage's mech/*.parquet)")
     trials = found.get("trials")
     if trials is None:  # label the trials by id so the score charts still work
         ids = [found[t].select("trial_id") for t in ("scores", "losses", "heldout_logprob") if found.get(t) is not None]
@@ -501,6 +503,79 @@ def chart_angles(run: Run):
     )
 
 
+def _sweep_name(condition: str) -> str:
+    return condition.split("@", 1)[0]
+
+
+def chart_grad_cosine(run: Run):
+    """Scatter: per sequence and layer, cos(dL/dh, vector) with a defense vs without it, identity line."""
+    alt = _alt()
+    g = _need(run.extra.get("mech/grad_cosine"), "mech/grad_cosine.parquet (python -m raysweep.mech)")
+    keys = ["model", "sequence_id", "layer", "vector"]
+    off = g.filter(pl.col("condition") == "none").select(*keys, pl.col("cosine").alias("off"))
+    if not off.height:
+        raise Skip("needs the defenseless condition 'none' in mech.conditions")
+    df = _clean(g.filter(pl.col("condition") != "none").join(off, on=keys)
+                .with_columns(layer=pl.col("layer").cast(pl.String)))
+    lim = [min(0.0, *df["cosine"].drop_nulls(), *df["off"].drop_nulls()),
+           max(0.0, *df["cosine"].drop_nulls(), *df["off"].drop_nulls())]
+    conds = sorted(set(df["condition"]))
+    points = alt.Chart().mark_point(filled=True, size=40, opacity=0.8).encode(
+        x=alt.X("off:Q", title="cos(dL/dh, vector), no defense", scale=alt.Scale(domain=lim)),
+        y=alt.Y("cosine:Q", title="cos(dL/dh, vector), defense on", scale=alt.Scale(domain=lim)),
+        color=alt.Color("condition:N", sort=conds, title="defense in the pass"),
+        shape=alt.Shape("layer:N", title="layer"),
+        tooltip=["condition:N", "layer:N", "sequence_id:Q", alt.Tooltip("off:Q", format=".4f"),
+                 alt.Tooltip("cosine:Q", format=".4f")])
+    identity = alt.Chart(pl.DataFrame({"x": lim, "y": lim})).mark_line(color="gray", strokeDash=[4, 4]).encode(
+        x="x:Q", y="y:Q")
+    return (
+        alt.layer(points, identity).properties(width=260, height=260)
+        .facet(column=alt.Column("vector:N", title="vector the gradient is compared with"), data=df)
+        .properties(title=_title(
+            f"{run.name}: activation-gradient cosine with and without the defense",
+            "one point per sequence and layer: token-averaged cosine between the loss gradient at the layer "
+            "output and the vector; dashed line = no change"))
+    )
+
+
+def chart_intensity(run: Run):
+    """Lines: loss and gradient cosine against the steering coefficient, IP on and off, 95% CI over sequences."""
+    alt = _alt()
+    loss = _need(run.extra.get("mech/loss"), "mech/loss.parquet (python -m raysweep.mech)")
+    cos = _need(run.extra.get("mech/grad_cosine"), "mech/grad_cosine.parquet (python -m raysweep.mech)")
+    swept = {_sweep_name(c) for c in loss.filter(pl.col("coef").is_not_nan())["condition"]
+             if c != _sweep_name(c)}  # conditions run at several coefficients (name@coef)
+    if not swept:
+        raise Skip("needs a steering condition with coefs (a coefficient sweep)")
+
+    def curves(df: pl.DataFrame, value: str, by: list[str]) -> pl.DataFrame:
+        df = df.with_columns(sweep=pl.col("condition").map_elements(_sweep_name, return_dtype=pl.String))
+        df = df.filter(pl.col("sweep").is_in(sorted(swept)))
+        out = df.group_by("sweep", "ip", "coef", *by).agg(A.ci_agg(value)).sort("sweep", "coef")
+        return _clean(A.with_bounds(out).with_columns(
+            defense=pl.col("sweep") + pl.when(pl.col("ip") != "").then(pl.lit(" (IP on)")).otherwise(pl.lit(" (IP off)"))))
+
+    def panel(y_title: str) -> list:
+        base = alt.Chart().encode(x=alt.X("coef:Q", title="steering coefficient"),
+                                  color=alt.Color("defense:N", title="sweep"))
+        tip = ["defense:N", "coef:Q", alt.Tooltip("mean:Q", format=".4f"), alt.Tooltip("ci:Q", format=".4f"), "n:Q"]
+        return [base.mark_area(opacity=0.15).encode(y="lo:Q", y2="hi:Q"),
+                base.mark_line(point=True).encode(y=alt.Y("mean:Q", title=y_title, scale=alt.Scale(zero=False)),
+                                                  tooltip=tip)]
+
+    lines = curves(loss, "loss", [])
+    cosines = curves(cos, "cosine", ["layer", "vector"]).with_columns(pl.col("layer").cast(pl.String))
+    left = alt.layer(*panel("loss (mean CE over assistant tokens, 95% CI band)"), data=lines).properties(
+        width=300, height=240, title="loss")
+    right = (alt.layer(*panel("cos(dL/dh, vector) (mean, 95% CI band)")).properties(width=220, height=200)
+             .facet(row=alt.Row("layer:N", title="layer"), column=alt.Column("vector:N", title="vector"), data=cosines)
+             .properties(title="gradient cosine"))
+    return alt.hconcat(left, right).properties(title=_title(
+        f"{run.name}: steering intensity sweep", "loss and activation-gradient cosine against the coefficient, "
+        "with the inoculation prompt in the pass (IP on) and without; 95% CI over sequences"))
+
+
 CHARTS: list[tuple[str, str, Callable]] = [
     ("final_scores", "Trait score at the final step", chart_final_scores),
     ("suppression", "Suppression vs the controls", chart_suppression),
@@ -513,6 +588,8 @@ CHARTS: list[tuple[str, str, Callable]] = [
     ("heuristics", "Heuristics vs suppression", chart_heuristics),
     ("embeddings", "Prompt embeddings (PCA / SVD of W)", chart_embeddings),
     ("angles", "Angles between prompts", chart_angles),
+    ("grad_cosine", "Activation-gradient cosine, defense on vs off", chart_grad_cosine),
+    ("intensity", "Steering intensity sweep", chart_intensity),
 ]
 
 

@@ -45,6 +45,14 @@ def test_tiny_experiment_end_to_end(tmp_path):
     assert set(sim["coef"]) == {0.0, 1.0, 2.0} and (sim["n_tokens"] > 0).all()
     proj = pl.read_parquet(d / "projection.parquet")
     assert proj.height == 2 * 2 * 3  # sequences x layers x compare vectors
+    # The report draws the gradient-cosine scatter and the intensity sweep from these tables.
+    from raysweep.report import build_report
+
+    index, failures = build_report(tmp_path / "pps_vs_ip_tiny")
+    assert not failures
+    for name in ("grad_cosine", "intensity"):
+        assert (index.parent / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"{name}.html" in index.read_text()
 
 
 def test_mech_config_errors_name_the_key():
