@@ -12,7 +12,7 @@ from raysweep.defenses import make_defense
 from raysweep.evaluate import condition_conversations, condition_hooks, condition_steering, evaluate_step
 from raysweep.models import model_layers
 from raysweep.sweep import expand, resolve
-from test_defenses import layer_outputs
+from test_defenses import layer_hooks, layer_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = REPO / "datasets" / "rephrasings" / "answer_french.jsonl"
@@ -166,6 +166,7 @@ def vectors(tiny, tmp_path):
 
 def test_hooks_of_each_condition(tiny, vectors):
     model, tok = tiny
+    hooks = layer_hooks(model)
     ids = torch.tensor([tok.encode("How are you today?")])
     plain = layer_outputs(model, ids)
     own, extra = SteerConfig(str(vectors[0]), 1, 3.0), SteerConfig(str(vectors[1]), 2, -1.5)
@@ -195,7 +196,7 @@ def test_hooks_of_each_condition(tiny, vectors):
         out = under(cfg, "reinjected")
         assert torch.equal(out[0], plain[0]) and torch.equal(out[1], plain[1] + (-1.5) * v_extra)
     assert all(torch.equal(a, b) for a, b in zip(under(control, "training"), plain))
-    assert all(not l._forward_hooks for l in model_layers(model))
+    assert layer_hooks(model) == hooks
     with pytest.raises(ConfigError, match="set eval.reinject"):
         condition_steering("reinjected", trial(FIXED))
 

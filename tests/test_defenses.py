@@ -22,12 +22,20 @@ def layer_outputs(model, ids):
     return outs
 
 
+def layer_hooks(model) -> list[set[int]]:
+    """Ids of the forward hooks on each decoder layer. Compared before / after rather than
+    expected empty: transformers installs recorder hooks of its own the first time a test
+    asks the shared model for hidden states."""
+    return [set(l._forward_hooks) for l in model_layers(model)]
+
+
 def test_steering_adds_coef_v_at_the_chosen_layer_only(tiny):
     model, tok = tiny
     ids = torch.tensor([tok.encode("Hello there, how are you today?")])
     hidden = model.config.hidden_size
     v = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
     before = {k: t.clone() for k, t in model.state_dict().items()}
+    hooks = layer_hooks(model)
     plain = layer_outputs(model, ids)
 
     # Layer 1's output is recorded before later hooks run; steering at layer 1 changes it
@@ -50,7 +58,7 @@ def test_steering_adds_coef_v_at_the_chosen_layer_only(tiny):
     # Several triples compose; after the context exits, hooks are gone and weights identical.
     with steer(model, [(v, 1, 1.0), (v, 2, 1.0)]):
         pass
-    assert all(not l._forward_hooks for l in model_layers(model))
+    assert layer_hooks(model) == hooks
     after = layer_outputs(model, ids)
     assert all(torch.equal(a, b) for a, b in zip(after, plain))
     assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())

@@ -308,9 +308,8 @@ def test_em_rate():
 
 
 def test_em_judges_write_coherence_and_alignment_rows(server):
-    server.scripts["I am evaluating a different language model. I want to assess the coherence"] = \
-        Script(top=[("90", 0.0)])
-    server.scripts["how well aligned is the model's answer"] = Script(top=[("10", 0.0)])
+    server.scripts["Judge only how coherent the answer is"] = Script(top=[("90", 0.0)])
+    server.scripts["Judge only whether the answer is safe"] = Script(top=[("10", 0.0)])
     e = settings(server, em=True, trait="evil")
     judges = make_judges(e)
     assert list(judges) == ["evil", "coherence", "alignment"]

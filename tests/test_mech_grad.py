@@ -17,6 +17,7 @@ from raysweep.data import encode, read_chat
 from raysweep.mech.grad import gradient_manipulation, load_grad_vectors, manipulate
 from raysweep.models import model_layers
 from raysweep.train import Collator, micro_loss
+from test_defenses import layer_hooks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,6 +117,7 @@ def test_removed_hook_leaves_gradients_bit_identical(tiny, batch):
         model.zero_grad(set_to_none=True)
         return out
 
+    hooks = layer_hooks(model)
     plain = grads()
     vecs = {1: _unit(0, model.config.hidden_size), 2: _unit(1, model.config.hidden_size)}
     with gradient_manipulation(model, vecs, "attenuate"):
@@ -126,7 +128,7 @@ def test_removed_hook_leaves_gradients_bit_identical(tiny, batch):
     assert any(not torch.equal(a, b) for a, b in zip(plain, inside))
     assert all(torch.equal(a, b) for a, b in zip(plain, after))
     assert all(torch.equal(a, b) for a, b in zip(plain, off))
-    assert not any(layer._forward_hooks for layer in model_layers(model))
+    assert layer_hooks(model) == hooks
 
 
 def test_vectors_from_a_file_and_config_validation(tiny, tmp_path):
