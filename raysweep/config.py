@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .heuristics.config import HeuristicsConfig  # plain dataclasses, nothing heavy
 from .mech.config import MechConfig  # plain dataclasses, nothing heavy
@@ -458,3 +458,18 @@ def to_yaml(cfg: Any) -> str:
 def from_dict(d: dict[str, Any]) -> ExperimentConfig:
     """Rebuild a config from its `asdict` form (a trial's saved config)."""
     return apply_overrides(ExperimentConfig(), d)
+
+
+def stage_main(argv: list[str], usage: str, stage: Callable[[ExperimentConfig], int | None]) -> int:
+    """The CLI of a stage (`python -m raysweep.<stage> exp=NAME [key=value ...]`): load the
+    experiment and run `stage` on it; a ConfigError is printed and exits 2."""
+    import sys
+
+    exp = [a for a in argv if a.startswith("exp=")]
+    try:
+        if len(exp) != 1:
+            raise ConfigError(f"name exactly one experiment with exp=NAME\n{usage}")
+        return stage(load_config(exp[0].split("=", 1)[1], [a for a in argv if not a.startswith("exp=")])) or 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

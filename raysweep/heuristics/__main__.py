@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, stage_main
 
 USAGE = "usage: python -m raysweep.heuristics exp=NAME [key=value ...]   (dry_run=true prints the plan)"
 
@@ -21,33 +21,28 @@ def heuristics_config(cfg):
     return h
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    exp = [a for a in argv if a.startswith("exp=")]
-    try:
-        if len(exp) != 1:
-            raise ConfigError(f"name exactly one experiment with exp=NAME\n{USAGE}")
-        cfg = load_config(exp[0].split("=", 1)[1], [a for a in argv if not a.startswith("exp=")])
-        h = heuristics_config(cfg)
-        if cfg.dry_run:
-            from .config import validate
-            from .stage import read_sets, resolve_prompts
+def run(cfg) -> int:
+    h = heuristics_config(cfg)
+    if cfg.dry_run:
+        from .config import validate
+        from .stage import read_sets, resolve_prompts
 
-            validate(h)
-            prompts, labels = resolve_prompts(h, cfg.prompts)
-            sets = read_sets(h, cfg.seed)
-            n_examples = sum(len(c) for c in sets.values())
-            sizes = {s: len(c) for s, c in sets.items()}
-            n_rows = n_examples + len(prompts) * len(h.variants) * n_examples
-            print(f"{len(prompts)} prompts ({len(labels)} labelled), sets {sizes}: {n_rows} rows")
-            return 0
-        from .stage import run_stage
+        validate(h)
+        prompts, labels = resolve_prompts(h, cfg.prompts)
+        sets = read_sets(h, cfg.seed)
+        n_examples = sum(len(c) for c in sets.values())
+        sizes = {s: len(c) for s, c in sets.items()}
+        n_rows = n_examples + len(prompts) * len(h.variants) * n_examples
+        print(f"{len(prompts)} prompts ({len(labels)} labelled), sets {sizes}: {n_rows} rows")
+        return 0
+    from .stage import run_stage
 
-        run_stage(cfg, h)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run_stage(cfg, h)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(sys.argv[1:] if argv is None else argv, USAGE, run)
 
 
 if __name__ == "__main__":

@@ -8,33 +8,28 @@ from __future__ import annotations
 
 import sys
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, stage_main
 
 USAGE = "usage: python -m raysweep.mech exp=NAME [key=value ...]   (dry_run=true prints the plan)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    exp = [a for a in argv if a.startswith("exp=")]
-    try:
-        if len(exp) != 1:
-            raise ConfigError(f"name exactly one experiment with exp=NAME\n{USAGE}")
-        cfg = load_config(exp[0].split("=", 1)[1], [a for a in argv if not a.startswith("exp=")])
-        from .stage import check, expand_conditions, run_stage
+def run(cfg) -> int:
+    from .stage import check, expand_conditions, run_stage
 
-        if not cfg.mech.analyses:
-            raise ConfigError(f"experiment {cfg.name!r} lists no mech.analyses")
-        if cfg.dry_run:
-            tables = check(cfg)
-            conds = [c.name for c in expand_conditions(cfg.mech)]
-            print(f"analyses {list(cfg.mech.analyses)} on {cfg.model.name}; vectors {sorted(tables)}; "
-                  f"{len(conds)} conditions: {', '.join(conds)}")
-            return 0
-        run_stage(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if not cfg.mech.analyses:
+        raise ConfigError(f"experiment {cfg.name!r} lists no mech.analyses")
+    if cfg.dry_run:
+        tables = check(cfg)
+        conds = [c.name for c in expand_conditions(cfg.mech)]
+        print(f"analyses {list(cfg.mech.analyses)} on {cfg.model.name}; vectors {sorted(tables)}; "
+              f"{len(conds)} conditions: {', '.join(conds)}")
+        return 0
+    run_stage(cfg)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(sys.argv[1:] if argv is None else argv, USAGE, run)
 
 
 if __name__ == "__main__":
