@@ -460,16 +460,21 @@ def from_dict(d: dict[str, Any]) -> ExperimentConfig:
     return apply_overrides(ExperimentConfig(), d)
 
 
+def parse_exp_args(argv: list[str], usage: str) -> tuple[str, list[str]]:
+    """(experiment name, overrides) of a command line `exp=NAME [key=value ...]`."""
+    exp = [a for a in argv if a.startswith("exp=")]
+    if len(exp) != 1:
+        raise ConfigError(f"name exactly one experiment with exp=NAME\n{usage}")
+    return exp[0].split("=", 1)[1], [a for a in argv if not a.startswith("exp=")]
+
+
 def stage_main(argv: list[str], usage: str, stage: Callable[[ExperimentConfig], int | None]) -> int:
     """The CLI of a stage (`python -m raysweep.<stage> exp=NAME [key=value ...]`): load the
     experiment and run `stage` on it; a ConfigError is printed and exits 2."""
     import sys
 
-    exp = [a for a in argv if a.startswith("exp=")]
     try:
-        if len(exp) != 1:
-            raise ConfigError(f"name exactly one experiment with exp=NAME\n{usage}")
-        return stage(load_config(exp[0].split("=", 1)[1], [a for a in argv if not a.startswith("exp=")])) or 0
+        return stage(load_config(*parse_exp_args(argv, usage))) or 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

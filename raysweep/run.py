@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import ConfigError, ExperimentConfig, load_config, to_yaml
+from .config import ConfigError, ExperimentConfig, load_config, parse_exp_args, to_yaml
 from .engine import resolve_backend
 from .storage import open_store
 from .sweep import Trial, check_inputs, expand
@@ -20,13 +20,6 @@ from .tables import concat_parts, write_table, write_text
 from .trial import EVAL_TABLES, is_done, prepare, trial_dir
 
 USAGE = "usage: python -m raysweep.run exp=NAME [key=value ...]   (dry_run=true lists the trials)"
-
-
-def parse_args(argv: list[str]) -> tuple[str, list[str]]:
-    exp = [a for a in argv if a.startswith("exp=")]
-    if len(exp) != 1:
-        raise ConfigError(f"name exactly one experiment with exp=NAME\n{USAGE}")
-    return exp[0].split("=", 1)[1], [a for a in argv if not a.startswith("exp=")]
 
 
 def _group(t: Trial) -> tuple:
@@ -114,7 +107,7 @@ def post_sweep_eval(exp_dir: Path, trials: list[Trial], cfg: ExperimentConfig) -
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        exp, overrides = parse_args(argv)
+        exp, overrides = parse_exp_args(argv, USAGE)
         cfg = load_config(exp, overrides)
         trials = expand(cfg)
     except ConfigError as exc:
