@@ -187,6 +187,40 @@ def suppression(
     return with_bounds(with_trials(df, trials))
 
 
+def behaviour_matrix(scores: Frame, trials: Frame, condition: str = "default",
+                     post_axis: str = "data.train") -> pl.DataFrame:
+    """Seed 001 Fig. 2a/b: trait expression per (starting model, post-finetuning data, method).
+
+    One row per trial and trait at its final step: `start` (trials.start, "" = the base
+    model), `post` (the trial's `post_axis` value, a file by its stem), `method` (the label
+    without its axis values), the final score (mean, ci, n), `start_mean` (its step-0 score:
+    the starting model itself, Fig. 2a's "None" column) and `vs_none` / `vs_none_ci`: the
+    paired (trial - no-defense control) at the same start and data (Fig. 2b; negative = the
+    defense lowered the trait). Rows are trials with a `start` column (raysweep.run writes it).
+    """
+    t = _lazy(trials).collect()
+    exp = _exp(scores, t)
+    if "start" not in t.columns:
+        t = t.with_columns(start=pl.lit(""))
+    post = [Path(str(json.loads(a or "{}").get(post_axis, ""))).stem for a in t["axes"]]
+    t = t.with_columns(post=pl.Series(post, dtype=pl.String),
+                       method=pl.col("label").str.replace(r"\[.*\]$", ""))
+    s = _lazy(scores).filter(pl.col("condition") == condition)
+    ts = trait_scores(s)
+    final = at_final_step(ts).select(exp + ["trial_id", "trait", "mean", "ci", "n"])
+    first = ts.filter(pl.col("step") == 0).select(exp + ["trial_id", "trait", pl.col("mean").alias("start_mean")])
+    sup = at_final_step(suppression(s, t, "control", condition)).select(
+        exp + ["trial_id", "trait", (-pl.col("mean")).alias("vs_none"), pl.col("ci").alias("vs_none_ci")])
+    return (
+        final.join(first, on=exp + ["trial_id", "trait"], how="left")
+        .join(sup, on=exp + ["trial_id", "trait"], how="left")
+        .join(t.select(exp + ["trial_id", "start", "post", "method", "defense"]), on=exp + ["trial_id"])
+        .select(exp + ["trial_id", "start", "post", "method", "defense", "trait", "mean", "ci", "n",
+                       "start_mean", "vs_none", "vs_none_ci"])
+        .sort(exp + ["trait", "method", "start", "post"])
+    )
+
+
 def _without(axes_json: str, key: str) -> str:
     axes = json.loads(axes_json) if axes_json else {}
     axes.pop(key, None)

@@ -30,6 +30,15 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # embedded model name, Hugging Face id, or local path
     dtype: str = "float32"  # float32 | bfloat16 | float16 (weights and compute)
+    start: str = ""  # starting model (001 Fig. 2): "" = the base; a key of `starts`; or a PEFT adapter directory merged into the base
+
+
+@dataclass  # not frozen: OmegaConf makes new entries of a dict of frozen dataclasses read-only
+class StartConfig:
+    train: str = ""  # chat JSONL the starting model is pre-finetuned on (defense none), in the same run
+    n_train: int = 0  # first N examples after a seeded shuffle (0 = all)
+    max_steps: int = 0  # pre-finetuning steps (0 = train.max_steps / train.epochs)
+    lr: float = 0.0  # pre-finetuning learning rate (0 = train.lr); every other setting is the experiment's `train`
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,7 @@ class ExperimentConfig:
     prompts: dict[str, str] = field(default_factory=dict)  # prompt library: key -> text
     neutral_prompt: str = ""  # key of the neutral-prompt control (zero-elicitation group); effects are paired against it
     model: ModelConfig = field(default_factory=ModelConfig)  # the study model
+    starts: dict[str, StartConfig] = field(default_factory=dict)  # pre-finetuned starting models by name (model.start)
     data: DataConfig = field(default_factory=DataConfig)  # data files
     defense: DefenseConfig = field(default_factory=DefenseConfig)  # defense of a trial (set by arms)
     train: TrainConfig = field(default_factory=TrainConfig)  # fine-tuning
@@ -364,6 +374,19 @@ def validate_trial(cfg: ExperimentConfig) -> None:
             "eval.conditions has reinjected, but this trial has no steering of its own (defense.pps): "
             "set eval.reinject to the vectors to add"
         )
+    start = cfg.model.start
+    if start:
+        if start not in cfg.starts and not (Path(start) / "adapter_config.json").is_file():
+            known = ", ".join(sorted(cfg.starts)) or "(none)"
+            raise ConfigError(f"model.start={start!r} is neither a key of `starts` (known: {known}) "
+                              "nor a PEFT adapter directory (with adapter_config.json)")
+        if start in cfg.starts and not cfg.starts[start].train:
+            raise ConfigError(f"starts.{start}.train: the pre-finetuning data file is not set")
+        from .engine import resolve_backend
+
+        if resolve_backend(e.backend) == "vllm":
+            raise ConfigError(f"model.start={start!r} needs eval.backend=transformers: the vLLM backend "
+                              "serves one base model, and each starting model is a different one")
 
 
 def _check_override_tree(tree: Any, cls: type, where: str) -> None:
@@ -403,6 +426,13 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
         d.pop(key)
     if d["defense"]["grad"]["mode"] == "none":  # unused: ids stay those of configs written before it existed
         d["defense"].pop("grad")
+    start = d["model"]["start"]
+    if not start:  # likewise for the base model as start
+        d["model"].pop("start")
+    elif start not in d["starts"]:  # an adapter directory: named by its content too, so a new file is a new trial
+        d["model"]["start"] = f"{start}@{adapter_digest(start)}"
+    if not d["starts"]:
+        d.pop("starts")
     unused = {"added_back": ("added_back", "added_back_placement"), "reinjected": ("reinject",)}
     for cond, keys in unused.items():  # settings of an absent condition: ids stay those written before them
         if cond not in d["eval"]["conditions"]:
@@ -411,6 +441,17 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
     for key in EVAL_RUN_ONLY:  # how answers are computed or fetched, not what: ids unchanged
         d["eval"].pop(key)
     return d
+
+
+def adapter_digest(path: str | Path) -> str:
+    """sha256 (12 hex) of a PEFT adapter directory's config and weights; "missing" if absent."""
+    h = hashlib.sha256()
+    files = [Path(path) / "adapter_config.json", *sorted(Path(path).glob("adapter_model.*"))]
+    if not all(f.is_file() for f in files):
+        return "missing"
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def trial_id(cfg: ExperimentConfig) -> str:
@@ -428,6 +469,8 @@ def apply_overrides(cfg: Any, tree: dict[str, Any]) -> Any:
             changes[key] = apply_overrides(current, value)
         elif key in ("pps", "reinject"):
             changes[key] = [v if isinstance(v, SteerConfig) else SteerConfig(**v) for v in value]
+        elif key == "starts":
+            changes[key] = {k: v if isinstance(v, StartConfig) else StartConfig(**v) for k, v in value.items()}
         else:
             changes[key] = _coerce(current, value, key)
     return replace(cfg, **changes)

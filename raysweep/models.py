@@ -178,6 +178,13 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     return model, tokenizer
 
 
+def merge_adapter(model, path: str | Path):
+    """`model` with the PEFT adapter at `path` merged into its weights (a starting model)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+
 def default_system_prompt(tokenizer) -> str | None:
     """The system prompt the chat template adds when the messages have none, else None."""
     sys_marker, user_marker = "<<RAYSWEEP_SYSTEM>>", "<<RAYSWEEP_USER>>"

@@ -576,6 +576,65 @@ def chart_intensity(run: Run):
         "with the inoculation prompt in the pass (IP on) and without; 95% CI over sequences"))
 
 
+def _behaviour(run: Run) -> pl.DataFrame:
+    if "start" not in run.trials.columns or not (run.trials["start"] != "").any():
+        raise Skip("no trial starts from a pre-finetuned model (model.start / `starts`)")
+    m = A.behaviour_matrix(_effect_scores(run), run.trials)
+    if not m.height:
+        raise Skip("no scored trials")
+    return m.with_columns(start=pl.when(pl.col("start") == "").then(pl.lit("base")).otherwise(pl.col("start")))
+
+
+def _start_order(run: Run) -> list[str]:
+    """Starting models in the order of the experiment's trials, the base model as "base"."""
+    return [s or "base" for s in dict.fromkeys(run.trials["start"].to_list())]
+
+
+def _matrix(alt, df: pl.DataFrame, value: str, title: str, scheme: str, domain: list[float] | None, columns: list[str],
+            rows: list[str]):
+    enc = {"x": alt.X("post:N", sort=columns, title="post-finetuning data"),
+           "y": alt.Y("start:N", sort=rows, title="starting model (pre-finetuning data)")}
+    scale = alt.Scale(scheme=scheme, domain=domain) if domain else alt.Scale(scheme=scheme)
+    rect = alt.Chart().mark_rect().encode(**enc, color=alt.Color(f"{value}:Q", title=title, scale=scale),
+                                         tooltip=["method:N", "start:N", "post:N", alt.Tooltip(f"{value}:Q", format=".1f")])
+    text = alt.Chart().mark_text(fontSize=10).encode(**enc, text=alt.Text(f"{value}:Q", format=".1f"))
+    return alt.layer(rect, text, data=_clean(df)).properties(width=alt.Step(48), height=alt.Step(28))
+
+
+def chart_behaviour_matrix(run: Run):
+    """001 Fig. 2a: final trait score per (starting model, post-finetuning data), one panel per method;
+    the "(none)" column is each starting model before post-finetuning (step 0)."""
+    alt = _alt()
+    m = _behaviour(run)
+    none_col = (m.group_by("method", "start", "trait").agg(pl.col("start_mean").mean().alias("mean"))
+                .with_columns(post=pl.lit("(none)")))
+    df = pl.concat([m.select("method", "start", "post", "trait", "mean"), none_col.select("method", "start", "post", "trait", "mean")])
+    cols = ["(none)", *dict.fromkeys(m["post"].to_list())]
+    return (
+        _matrix(alt, df, "mean", "trait score", "reds", [0.0, 100.0], cols, _start_order(run))
+        .facet(column=alt.Column("method:N", title="post-finetuning method"), row=alt.Row("trait:N"))
+        .properties(title=_title(f"{run.name}: behaviour matrix (seed 001 Fig. 2a)",
+                                 "trait score at the final step; (none) = the starting model itself (step 0)"))
+    )
+
+
+def chart_behaviour_vs_none(run: Run):
+    """001 Fig. 2b: paired (method - no-defense post-finetuning) from the same start on the same data."""
+    alt = _alt()
+    m = _behaviour(run).filter(pl.col("vs_none").is_not_null())
+    if not m.height:
+        raise Skip("no defended trial has a no-defense control at its start and data")
+    lim = max(1.0, float(m["vs_none"].abs().max()))
+    return (
+        _matrix(alt, m, "vs_none", "score − no defense", "redblue", [lim, -lim], list(dict.fromkeys(m["post"].to_list())),
+                _start_order(run))
+        .facet(column=alt.Column("method:N", title="post-finetuning method"), row=alt.Row("trait:N"))
+        .properties(title=_title(f"{run.name}: defense effect per start and data (seed 001 Fig. 2b)",
+                                 "paired (method − no defense) at the final step over shared questions; negative = less trait",
+                                 CI_NOTE))
+    )
+
+
 CHARTS: list[tuple[str, str, Callable]] = [
     ("final_scores", "Trait score at the final step", chart_final_scores),
     ("suppression", "Suppression vs the controls", chart_suppression),
@@ -590,6 +649,8 @@ CHARTS: list[tuple[str, str, Callable]] = [
     ("angles", "Angles between prompts", chart_angles),
     ("grad_cosine", "Activation-gradient cosine, defense on vs off", chart_grad_cosine),
     ("intensity", "Steering intensity sweep", chart_intensity),
+    ("behaviour_matrix", "Behaviour matrix: starting model x post-finetuning data", chart_behaviour_matrix),
+    ("behaviour_vs_none", "Behaviour matrix: effect vs no defense", chart_behaviour_vs_none),
 ]
 
 
@@ -671,9 +732,10 @@ def table_fits(run: Run) -> pl.DataFrame:
     rows = [sup.join(el, on=["trial_id", "trait"]).with_columns(metric=pl.lit("elicitation (step 0)"))]
     if run.heuristics is not None:
         rows.append(A.heuristic_join(run.heuristics, sup))
-    df = pl.concat([r.select("trait", "metric", "mode", "value", "mean") for r in rows if r.height])
-    if not df.height:
+    rows = [r.select("trait", "metric", "mode", "value", "mean") for r in rows if r.height]
+    if not rows:  # e.g. no eval condition `training`, so no elicitation
         raise Skip("nothing to correlate")
+    df = pl.concat(rows)
     fits = A.fit_stats(df, "value", "mean", by=["trait", "metric", "mode"])
     return fits.select("trait", "metric", "mode", "n", *[pl.col(c).round(3) for c in
                        ("pearson_r", "pearson_p", "spearman_rho", "spearman_p", "slope", "rmse")])

@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import ConfigError, ExperimentConfig, load_config, parse_exp_args, to_yaml
 from .engine import resolve_backend
 from .storage import open_store
-from .sweep import Trial, check_inputs, expand
+from .sweep import Trial, check_inputs, expand, start_trial, start_trials
 from .tables import concat_parts, write_table, write_text
 from .trial import EVAL_TABLES, is_done, prepare, trial_dir
 
@@ -63,6 +63,7 @@ def gather(exp_dir: Path, trials: list[Trial], neutral: str, errors: dict[str, s
              "error": errors.get(t.id, ""), "steps": info.get("steps", -1),
              "default_system_prompt": info.get("default_system_prompt"),
              "control_id": ctl[t.id][0], "neutral_id": ctl[t.id][1],
+             "start": t.config.model.start, "start_id": getattr(start_trial(t.config), "id", ""),
              "defense": t.config.defense.kind, "prompt": t.config.defense.ip.prompt,
              "mode": t.config.defense.ip.mode if t.config.defense.kind == "ip" else "",
              "placement": t.config.defense.ip.placement if t.config.defense.kind == "ip" else "",
@@ -104,6 +105,20 @@ def post_sweep_eval(exp_dir: Path, trials: list[Trial], cfg: ExperimentConfig) -
     print(f"{cfg.name}: evaluated {n} checkpoints after the sweep (eval.backend=vllm)")
 
 
+def run_starts(starts: list[Trial], store, cfg: ExperimentConfig) -> dict[str, str]:
+    """Pre-finetune the unfinished starting models (a first wave of trials); trial id -> error."""
+    todo = [s for s in starts if not is_done(store.exp_dir, s.id)]
+    if starts:
+        print(f"{cfg.name}: {len(starts)} pre-finetuned starting models, {len(todo)} to train")
+    if not todo:
+        return {}
+    from .tune_adapter import run_trials
+
+    errors = run_trials(todo, store, cfg.sweep, f"{cfg.name}-starts", dashboard=cfg.dashboard)
+    store.pull("trials", skip=("resume_",))
+    return errors
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -113,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    starts = start_trials(trials)
     if cfg.dry_run:
         print_grid(trials)
+        if starts:
+            print(f"pre-finetuned starting models (run first): {', '.join(f'{s.label} {s.id}' for s in starts)}")
     try:
         check_inputs(trials)
     except ConfigError as exc:
@@ -132,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         exp_dir = store.exp_dir
         store.pull("trials", skip=("resume_",))
         write_text(exp_dir / "config.yaml", to_yaml(cfg))
-        for t in trials:
+        for t in starts + trials:
             prepare(exp_dir, t.id, t.config, t.label)
         store.push("config.yaml")
         store.push("trials")
@@ -142,13 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: storage={cfg.storage!r} is not writable: {exc}", file=sys.stderr)
         return 2
+    errors = run_starts(starts, store, cfg)
     todo = [t for t in trials if not is_done(exp_dir, t.id)]
     print(f"{cfg.name}: {len(trials)} trials, {len(trials) - len(todo)} finished, {len(todo)} to run -> {store.uri}")
-    errors = {}
+    for t in todo:  # a trial whose starting model failed cannot run
+        st = start_trial(t.config)
+        if st is not None and st.id in errors:
+            errors[t.id] = f"its starting model {st.label} ({st.id}) failed"
+    todo = [t for t in todo if t.id not in errors]
     if todo:
         from .tune_adapter import run_trials
 
-        errors = run_trials(todo, store, cfg.sweep, cfg.name, dashboard=cfg.dashboard)
+        errors.update(run_trials(todo, store, cfg.sweep, cfg.name, dashboard=cfg.dashboard))
         store.pull("trials", skip=("resume_",))
     if resolve_backend(cfg.eval.backend) == "vllm":
         from .posteval import pending_steps

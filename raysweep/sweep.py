@@ -100,6 +100,15 @@ def _defense_label(cfg: ExperimentConfig) -> str:
     return "pps:" + "+".join(f"{Path(s.vector).stem}@L{s.layer}x{s.coef:g}" for s in d.pps)
 
 
+def _short(key: str, value: Any) -> str:
+    """An axis value in a label: a file path by its stem, the base model as start by "base"."""
+    if key == "model.start" and value == "":
+        return "base"
+    if isinstance(value, str) and "/" in value:
+        return Path(value).stem
+    return str(value)
+
+
 def expand(cfg: ExperimentConfig) -> list[Trial]:
     """Every trial of the experiment: for each arm, the product of its axes and the grid's."""
     grid_axes = _axes(cfg.sweep.grid, ExperimentConfig)
@@ -117,13 +126,41 @@ def expand(cfg: ExperimentConfig) -> list[Trial]:
                 validate_trial(t)
             except ConfigError as exc:
                 raise ConfigError(f"sweep arm {arm}: {exc}") from None
-            t = replace(t, sweep=SweepConfig(arms=[], grid={}))
+            own = {t.model.start: t.starts[t.model.start]} if t.model.start in t.starts else {}
+            t = replace(t, sweep=SweepConfig(arms=[], grid={}), starts=own)  # other starts: not this trial's identity
             tid = trial_id(t)
             varying = {k: v for (k, vals), v in zip(all_axes, values) if len(vals) > 1 or k in dict(grid_axes)}
-            extra = ",".join(f"{k.split('.')[-1]}={v}" for k, v in varying.items() if not k.startswith("defense."))
+            extra = ",".join(f"{k.split('.')[-1]}={_short(k, v)}" for k, v in varying.items() if not k.startswith("defense."))
             name = label(t) + (f"[{extra}]" if extra else "")
             trials.setdefault(tid, Trial(tid, name, dict(zip(keys, values)), t))
     return list(trials.values())
+
+
+def start_trial(cfg: ExperimentConfig) -> Trial | None:
+    """The trial that pre-finetunes `cfg`'s starting model when model.start is a key of
+    `starts` (001 Fig. 2), else None. It is a plain trial of the same experiment: no defense,
+    the start's data and steps, the experiment's other train and eval settings, evaluated
+    under `default` at its first and last step. Trials sharing a start share this trial."""
+    name = cfg.model.start
+    if name not in cfg.starts:
+        return None
+    s = cfg.starts[name]
+    train = replace(cfg.train, max_steps=s.max_steps or cfg.train.max_steps, lr=s.lr or cfg.train.lr,
+                    checkpoints="final", checkpoint_steps=[])
+    c = replace(cfg, model=replace(cfg.model, start=""), starts={}, defense=DefenseConfig(),
+                data=replace(cfg.data, train=s.train, n_train=s.n_train), train=train,
+                eval=replace(cfg.eval, conditions=["default"], steps=[]), sweep=SweepConfig(arms=[], grid={}))
+    return Trial(trial_id(c), f"start:{name}", {"model.start": name}, c)
+
+
+def start_trials(trials: list[Trial]) -> list[Trial]:
+    """The distinct pre-finetuning trials the sweep's trials start from."""
+    out = {}
+    for t in trials:
+        st = start_trial(t.config)
+        if st is not None:
+            out.setdefault(st.id, st)
+    return list(out.values())
 
 
 def check_inputs(trials: list[Trial]) -> None:
@@ -143,6 +180,8 @@ def check_inputs(trials: list[Trial]) -> None:
     for t in trials:
         c = t.config
         once("data.train", c.data.train, read_chat)
+        if c.model.start in c.starts:
+            once(f"starts.{c.model.start}.train", c.starts[c.model.start].train, read_chat)
         once("data.questions", c.data.questions, read_questions)
         if c.eval.heldout_logprob and c.data.heldout:
             once("data.heldout", c.data.heldout, read_chat)

@@ -51,6 +51,25 @@ def prepare(exp_dir: Path, tid: str, cfg: ExperimentConfig, label: str) -> None:
             write_text(path, text)
 
 
+def start_adapter(exp_dir: Path, cfg: ExperimentConfig) -> Path | None:
+    """The adapter merged into the base before the trial's own LoRA (model.start), or None.
+
+    A key of `starts` names the final adapter of its pre-finetuning trial in this experiment
+    (sweep.start_trial), which must have finished; anything else is an adapter directory.
+    """
+    from .sweep import start_trial
+
+    if not cfg.model.start:
+        return None
+    st = start_trial(cfg)
+    if st is None:
+        return Path(cfg.model.start)
+    done = trial_dir(exp_dir, st.id) / "done.json"
+    if not done.is_file():
+        raise RuntimeError(f"starting model {cfg.model.start!r} (pre-finetuning trial {st.id}) has not finished")
+    return Path(exp_dir) / "adapters" / st.id / f"step_{json.loads(done.read_text())['steps']}"
+
+
 def _save_dir_atomically(save: Callable[[Path], None], dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,7 +131,7 @@ def run_trial(
     from .evaluate import evaluate_step
     from .judges import make_judges
     from .mech.grad import gradient_manipulation, load_grad_vectors
-    from .models import default_system_prompt, load_model
+    from .models import default_system_prompt, load_model, merge_adapter
     from .train import Collator, add_lora, checkpoint_steps, example_order, make_optimizer, total_steps, train_step
 
     exp_dir = Path(exp_dir)
@@ -129,6 +148,9 @@ def run_trial(
     torch.set_num_threads(max(1, cfg.threads or int(os.environ.get("RAYSWEEP_THREADS", "1"))))
 
     model, tok = load_model(cfg.model.name, cfg.model.dtype)
+    start = start_adapter(exp_dir, cfg)
+    if start is not None:  # a pre-finetuned starting model: its adapter becomes part of the base
+        model = merge_adapter(model, start)
     defense = make_defense(cfg.defense)
     t = cfg.train
     examples = shuffled(read_chat(cfg.data.train), cfg.seed, cfg.data.n_train)

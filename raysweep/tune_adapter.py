@@ -35,19 +35,26 @@ def run_prepared(exp: str, tid: str, report: Report | None = None, info: dict | 
     On an object store the trial runs in node-local scratch: it starts from its mirrored
     state (resuming wherever it last saved, on any node) and mirrors every saved state.
     """
+    from .sweep import start_trial
     from .trial import run_trial, trial_dir
 
     store = open_experiment(exp)
     store.pull(f"trials/{tid}")
     spec = json.loads((trial_dir(store.exp_dir, tid) / "config.json").read_text())
+    cfg = from_dict(spec["config"])
+    st = start_trial(cfg)
+    if st is not None:  # the starting model's adapter, which this trial merges into the base
+        store.pull(f"trials/{st.id}", skip=("resume_",))
+        store.pull(f"adapters/{st.id}")
 
     def saved() -> None:  # adapters first: the trial's files point to them
         store.push(f"adapters/{tid}")
         store.push(f"trials/{tid}", mirror=True)
 
-    summary = run_trial(from_dict(spec["config"]), store.exp_dir, tid, spec["label"], report=report, info=info,
+    summary = run_trial(cfg, store.exp_dir, tid, spec["label"], report=report, info=info,
                         saved=saved)
-    for rel in (f"trials/{tid}", f"adapters/{tid}"):  # all on the store now (a no-op for a directory)
+    pulled = (f"trials/{st.id}", f"adapters/{st.id}") if st is not None else ()
+    for rel in (f"trials/{tid}", f"adapters/{tid}", *pulled):  # all on the store now (a no-op for a directory)
         store.discard(rel)
     return summary
 
