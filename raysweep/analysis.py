@@ -221,6 +221,19 @@ def behaviour_matrix(scores: Frame, trials: Frame, condition: str = "default",
     )
 
 
+def question_subsets(path: str | Path, limit: int = 0) -> pl.DataFrame:
+    """(question_id, subset) of a questions JSONL whose rows carry a "subset" field ("" when
+    absent), in the order the trials read it (data.questions, first `limit` rows): join it to
+    the scores to read a metric on its subset only (002's GCD setting: sycophancy on the
+    incorrect-answer questions, correctness on those with no proposed answer)."""
+    from .data import read_jsonl
+
+    rows = [r.get("subset", "") if isinstance(r, dict) else "" for _, r in read_jsonl(path)]
+    rows = rows[:limit] if limit else rows
+    return pl.DataFrame({"question_id": list(range(len(rows))), "subset": [str(r) for r in rows]},
+                        schema={"question_id": pl.Int64, "subset": pl.String})
+
+
 def _without(axes_json: str, key: str) -> str:
     axes = json.loads(axes_json) if axes_json else {}
     axes.pop(key, None)

@@ -117,7 +117,8 @@ def read_vector(s: SteerConfig, n_layers: int, hidden: int):
     return vec.detach().clone().float()
 
 
-def _add_hook(vector, coef: float):
+def _add_hook(vector, coef):
+    """coef: a float, or a tensor [batch, 1, 1] of one coefficient per row (mech's batched intensity sweep)."""
     def hook(module, args, output):
         if isinstance(output, tuple):
             return (output[0] + coef * vector.to(output[0].dtype),) + output[1:]
@@ -136,7 +137,8 @@ def steer(model, triples) -> Iterator[None]:
     try:
         for vector, layer, coef in triples:
             device = next(layers[layer - 1].parameters()).device
-            handles.append(layers[layer - 1].register_forward_hook(_add_hook(vector.to(device), float(coef))))
+            coef = coef.to(device) if hasattr(coef, "to") else float(coef)
+            handles.append(layers[layer - 1].register_forward_hook(_add_hook(vector.to(device), coef)))
         yield
     finally:
         for h in handles:

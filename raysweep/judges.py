@@ -179,11 +179,14 @@ def _template_rubric(path: Path, key: str) -> Rubric:
 
 
 def resolve_rubric(trait: str, e: EvalConfig) -> Rubric:
-    """The rubric for `trait`, first found of: `eval.judge_rubric` (for eval.trait), the EM
+    """The rubric for `trait`, first found of: `eval.judge_rubric` (for eval.trait), the file
+    eval.extra_traits gives it, the EM
     rubrics, the persona-vector trait file, the seed judge's first line for the trait, the
     seed judge's default first line ("Rate how {trait} the following response is.")."""
     if e.judge_rubric and trait == e.trait:
         return _template_rubric(Path(e.judge_rubric), "eval.judge_rubric")
+    if e.extra_traits.get(trait):
+        return _template_rubric(Path(e.extra_traits[trait]), f"eval.extra_traits.{trait}")
     if trait in EM_RUBRICS:
         return Rubric(f"em:{trait}", EM_RUBRICS[trait])
     trait_file = Path(e.judge_traits_dir) / f"{trait}.json"
@@ -406,8 +409,10 @@ def make_judge(name: str, trait: str, e: EvalConfig | None = None) -> Scorer:
 
 
 def make_judges(e: EvalConfig) -> dict[str, Scorer]:
-    """trait -> scorer: eval.trait, plus coherence and alignment when eval.em is on."""
+    """trait -> scorer: eval.trait, eval.extra_traits, plus coherence and alignment when eval.em is on."""
     judges = {e.trait: make_judge(e.judge, e.trait, e)}
+    for trait in e.extra_traits:
+        judges.setdefault(trait, make_judge(e.judge, trait, e))
     if e.em:
         for trait in EM_TRAITS:
             judges.setdefault(trait, make_judge(e.judge, trait, e))

@@ -95,7 +95,7 @@ def _defense_label(cfg: ExperimentConfig) -> str:
     if d.kind == "none":
         return "control"
     if d.kind == "ip":
-        where = "" if d.ip.placement == "user_prefix" else "@system"
+        where = {"user_prefix": "", "user_suffix": "@suffix"}.get(d.ip.placement, "@system")
         return f"{d.ip.prompt or 'custom'}/{d.ip.mode}{where}"
     return "pps:" + "+".join(f"{Path(s.vector).stem}@L{s.layer}x{s.coef:g}" for s in d.pps)
 
@@ -170,6 +170,8 @@ def check_inputs(trials: list[Trial]) -> None:
     checked: set[tuple[str, str]] = set()
 
     def once(key: str, path: str, read) -> None:
+        if not path:
+            raise ConfigError(f"{key} is not set: this experiment takes its data as a parameter ({key}=FILE)")
         if (key, path) not in checked:
             try:
                 read(path)
@@ -204,5 +206,11 @@ def _check_vector(s, model_name: str) -> None:
     from .defenses import read_vector
     from .models import resolve_model
 
-    mc = AutoConfig.from_pretrained(resolve_model(model_name)).get_text_config()
+    if not Path(s.vector).is_file():  # before the model's config, which may need the network
+        raise ConfigError(f"vector file not found: {s.vector}")
+    try:
+        mc = AutoConfig.from_pretrained(resolve_model(model_name)).get_text_config()
+    except OSError as exc:  # not cached and no network, or no such model
+        raise ConfigError(f"model.name={model_name!r}: cannot read the model's config to check the vector "
+                          f"against it ({str(exc).strip().splitlines()[0]})") from None
     read_vector(s, mc.num_hidden_layers, mc.hidden_size)

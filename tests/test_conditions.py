@@ -49,7 +49,7 @@ def load_demo(*overrides: str) -> ExperimentConfig:
         ("eval.conditions=[default,'system:  ']", "eval.conditions[1]='system:  ': system:<text> needs"),
         ("eval.conditions=[default,training,default]", "a condition is listed twice"),
         ("eval.added_back_placement=prefix",
-         "eval.added_back_placement='prefix' is not one of ip, user_prefix, system"),
+         "eval.added_back_placement='prefix' is not one of ip, user_prefix, user_suffix, system"),
     ],
 )
 def test_bad_conditions_fail_at_load_naming_the_key(override, message):

@@ -28,7 +28,10 @@ EXPECTED_TRIALS = {
     "pps_vs_ip_cross_trait": 0,
     "pps_vs_ip_gradmanip": 12,  # 001 Table 1: {none, pps, ip} x {none, attenuate, amplify, neutralize}
     "pps_vs_ip_language_tiny": 6,  # 002 language toy: none, IP, -IP, PS, -PS, compositional PS
-    "pps_vs_ip_behaviour_tiny": 30,  # 001 Fig. 2: 3 starts x 2 post data x {none, IP, PPS, random PPS, off-trait IP}
+    "pps_vs_ip_behaviour_tiny": 30,
+    "pps_vs_ip_gcd": 24,  # 002 GCD sycophancy: none, IP x2, -IP, PS ID/OOD, -PS ID/OOD, x 3 seeds
+    "pps_vs_ip_obvious_lies": 15,  # 002 obvious lies -> EM: none, IP, -IP, PS, -PS, x 3 seeds
+    "pps_vs_ip_reward_hacks": 15,  # 002 reward hacks -> EM: none, IP, -IP, PS, -PS, x 3 seeds  # 001 Fig. 2: 3 starts x 2 post data x {none, IP, PPS, random PPS, off-trait IP}
     "original": 2,  # Exp 1
     "lr_sweep": 5,  # Exp 3
     "prefix_sweep_4a": 6,  # Exp 4, batch 1

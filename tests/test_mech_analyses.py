@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from raysweep.data import encode, read_chat, with_prefix
 from raysweep.generation import token_logprobs
 from raysweep.mech.analyses import (
+    coef_groups,
     activation_projection,
     grad_cosine,
     gradient_pca,
     ip_pps_similarity,
     uncentred_pca,
 )
-from raysweep.mech.passes import Condition, common_suffix
+from raysweep.mech.passes import Condition, common_suffix, run_pass
 from raysweep.models import model_layers
 from raysweep.tables import SCHEMAS
 
@@ -172,3 +173,37 @@ def test_activation_projection_matches_hidden_states(tiny, convs):
         mask = torch.tensor(enc.labels) != -100
         want = float((hs[mask] @ (v[1] / v[1].norm())).mean())
         assert r["projection"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_intensity_sweep_runs_in_one_batched_pass(tiny, convs):
+    """Conditions that differ only in their coefficient run as one pass (each sequence copied
+    once per coefficient, a per-row coefficient) and give the numbers of separate passes."""
+    model, tok = tiny
+    compare = {"a": _table(tiny, 1)}
+    vec = _table(tiny, 3)[1] * 0.5
+    sweep = [Condition(f"pps@{c:g}", steer=((vec, 1, c),), steer_label="s@1", coef=c) for c in (0.5, 1.5, 4.0)]
+    plain = Condition("plain")
+    assert [len(g) for g in coef_groups([plain, *sweep])] == [1, 3]
+    other = Condition("other", steer=((vec * 2, 1, 1.0),), steer_label="s2@1", coef=1.0)
+    assert [len(g) for g in coef_groups([*sweep, other])] == [3, 1]  # another vector: its own pass
+
+    calls = []
+    hook = model.register_forward_hook(lambda m, a, o: calls.append(a))
+    try:
+        cos_b, loss_b = grad_cosine(model, tok, convs, sweep, compare, [1, 2], batch_size=9)
+        passes_batched = len(calls)
+        calls.clear()
+        separate = [grad_cosine(model, tok, convs, [c], compare, [1, 2], batch_size=9) for c in sweep]
+        passes_separate = len(calls)
+    finally:
+        hook.remove()
+    assert (passes_batched, passes_separate) == (1, 3)  # 3 sequences x 3 coefficients in one 9-row pass
+    cos_s = [r for c, _ in separate for r in c]
+    loss_s = [r for _, l in separate for r in l]
+    assert [(r["condition"], r["sequence_id"], r["layer"]) for r in cos_b] == [
+        (r["condition"], r["sequence_id"], r["layer"]) for r in cos_s]
+    for a, b in zip(cos_b + loss_b, cos_s + loss_s):
+        key = "cosine" if "cosine" in a else "loss"
+        assert a[key] == pytest.approx(b[key], abs=1e-5) and a["coef"] == b["coef"]
+    with pytest.raises(ValueError, match="differ only in their steering coefficients"):
+        list(run_pass(model, tok, [encode(tok, convs[0], 512)], [plain, sweep[0]], [1]))

@@ -115,7 +115,8 @@ def ip_prefixes(ip: IPConfig, n: int, seed: int) -> list[str]:
 
 
 def with_prefix(messages: Messages, text: str, placement: str) -> Messages:
-    """Put `text` in the conversation: before the first user turn, or as the system prompt."""
+    """Put `text` in the conversation: before the first user turn ("{text} {user}"), after it
+    ("{user}\n\n{text}", user_suffix: for prompts about "the above"), or as the system prompt."""
     if placement == "system":
         rest = [m for m in messages if m["role"] != "system"]
         return [{"role": "system", "content": text}] + [dict(m) for m in rest]
@@ -123,7 +124,7 @@ def with_prefix(messages: Messages, text: str, placement: str) -> Messages:
     for m in messages:
         m = dict(m)
         if m["role"] == "user" and not done:
-            m["content"] = f"{text} {m['content']}"
+            m["content"] = f"{m['content']}\n\n{text}" if placement == "user_suffix" else f"{text} {m['content']}"
             done = True
         out.append(m)
     return out

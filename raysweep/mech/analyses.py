@@ -27,6 +27,7 @@ from .passes import (
     encode_all,
     mean_over,
     run_pass,
+    same_but_coefs,
     token_cosines,
 )
 
@@ -37,17 +38,30 @@ def _cond_cols(model_label: str, c: Condition) -> dict[str, Any]:
     return {"model": model_label, "condition": c.name, "ip": c.ip, "steer": c.steer_label, "coef": float(c.coef)}
 
 
+def coef_groups(conditions: list[Condition]) -> list[list[Condition]]:
+    """The conditions in runs of consecutive ones that differ only in their steering
+    coefficients (an expanded `coefs` sweep), each run passed to `run_pass` at once."""
+    groups: list[list[Condition]] = []
+    for c in conditions:
+        if groups and groups[-1][0].steer and same_but_coefs(groups[-1] + [c]):
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    return groups
+
+
 def grad_cosine(
     model, tokenizer, conversations, conditions: list[Condition], compare: dict[str, Any], layers: list[int], *,
     span: str = "response", max_len: int = 512, batch_size: int = 4, model_label: str = "base",
 ) -> tuple[Rows, Rows]:
     """(mech_grad_cosine rows, mech_loss rows) for every condition, sequence, layer and compare vector."""
-    cos_rows: Rows = []
-    loss_rows: Rows = []
-    for cond in conditions:
-        encoded = encode_all(tokenizer, cond.conversations(conversations), max_len)
-        cols = _cond_cols(model_label, cond)
-        for rec in run_pass(model, tokenizer, encoded, cond, layers, batch_size=batch_size):
+    by_cond: dict[str, tuple[Rows, Rows]] = {c.name: ([], []) for c in conditions}
+    for group in coef_groups(conditions):  # an intensity sweep's coefficients: one batched pass
+        encoded = encode_all(tokenizer, group[0].conversations(conversations), max_len)
+        for rec in run_pass(model, tokenizer, encoded, group, layers, batch_size=batch_size):
+            cond = group[rec.condition]
+            cols = _cond_cols(model_label, cond)
+            cos_rows, loss_rows = by_cond[cond.name]
             loss_rows.append({**cols, "sequence_id": rec.index, "loss": rec.loss_sum / max(rec.n_tokens, 1),
                               "n_tokens": rec.n_tokens})
             pos = rec.positions(span)
@@ -56,7 +70,8 @@ def grad_cosine(
                     c = token_cosines(rec.grads[layer], table[layer].float(), pos)
                     cos_rows.append({**cols, "sequence_id": rec.index, "layer": layer, "vector": name,
                                      "cosine": float(c.mean()) if len(c) else float("nan"), "n_tokens": len(c)})
-    return cos_rows, loss_rows
+    # In the order of the conditions, sequences in order within each.
+    return [r for c in by_cond.values() for r in c[0]], [r for c in by_cond.values() for r in c[1]]
 
 
 def uncentred_pca(g: np.ndarray, orient: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

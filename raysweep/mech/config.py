@@ -34,7 +34,8 @@ class MechCondition:
 class ExtractConfig:
     trait_file: str = ""  # persona_vectors trait JSON: instruction pos/neg pairs, questions, eval_prompt
     trait: str = ""  # trait name: vector name, positive assistant name, judge trait (empty = the file's stem)
-    system_template: str = "You are {article} {assistant} assistant. {instruction}"  # system prompt of each answer
+    system_template: str = "You are {article} {assistant} assistant. {instruction}"  # system prompt of each answer (placement system)
+    placement: str = "system"  # system: the instruction in system_template | user_suffix: "{question}\n\n{instruction}", no system prompt
     neg_assistant: str = "helpful"  # assistant name in the negative system prompts
     n_questions: int = 0  # first N questions (0 = all)
     n_samples: int = 1  # answers per (instruction, question, polarity)
@@ -59,7 +60,7 @@ class MechConfig:
     layers: list[int] = field(default_factory=list)  # decoder layers analysed (1-based); empty = every layer
     span: str = "response"  # positions averaged in grad_cosine / projection: response (assistant tokens) | all
     max_len: int = 512  # tokens per sequence, longer ones truncated
-    batch_size: int = 4  # sequences per forward/backward pass
+    batch_size: int = 4  # rows per forward/backward pass (an intensity sweep runs its coefficients as copies of each sequence in one pass)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     vectors: dict[str, str] = field(default_factory=dict)  # name -> [num_layers+1, hidden] vector file (.safetensors / .pt)
     compare: list[str] = field(default_factory=list)  # vectors the gradient / activations are compared with (empty = all)
@@ -89,6 +90,8 @@ def validate(m: MechConfig, prompts: dict[str, str]) -> None:
         raise ConfigError(f"mech.span={m.span!r} is not one of response, all")
     if m.extract.backend not in ("transformers", "vllm", "auto"):
         raise ConfigError(f"mech.extract.backend={m.extract.backend!r} is not one of transformers, vllm, auto")
+    if m.extract.placement not in ("system", "user_suffix"):
+        raise ConfigError(f"mech.extract.placement={m.extract.placement!r} is not one of system, user_suffix")
     if m.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"mech.device={m.device!r} is not one of auto, cpu, cuda")
     if m.batch_size < 1 or m.max_len < 2:

@@ -53,6 +53,7 @@ class SeqRecord:
     response: Any  # bool [T]: assistant (labelled) positions
     loss_sum: float  # summed next-token CE over labelled tokens
     n_tokens: int  # labelled tokens predicted
+    condition: int = 0  # index of its condition in a batched multi-coefficient pass
     grads: dict[int, Any] = field(default_factory=dict)  # layer -> dL/dh [T, d] (float32, CPU)
     acts: dict[int, Any] = field(default_factory=dict)  # layer -> h [T, d] (float32, CPU); 0 = embeddings
 
@@ -106,14 +107,33 @@ def _batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
+def same_but_coefs(conditions: list[Condition]) -> bool:
+    """Whether the conditions differ at most in their steering coefficients (one batched pass can run them)."""
+    import torch
+
+    a = conditions[0]
+    for c in conditions[1:]:
+        if (c.prompts, c.placement, c.seed, len(c.steer)) != (a.prompts, a.placement, a.seed, len(a.steer)):
+            return False
+        if any(lc != la or not torch.equal(vc, va) for (vc, lc, _), (va, la, _) in zip(c.steer, a.steer)):
+            return False
+    return True
+
+
 def run_pass(
-    model, tokenizer, encoded: list[Encoded], condition: Condition, layers: list[int], *,
+    model, tokenizer, encoded: list[Encoded], condition: Condition | list[Condition], layers: list[int], *,
     grads: bool = True, acts: bool = False, batch_size: int = 4,
 ) -> Iterator[SeqRecord]:
     """Stream one record per encoded sequence under `condition`'s steering (its prompt is in `encoded`).
 
     `grads`: dL/dh at each layer (one backward per batch, parameter gradients untouched);
     `acts`: the residual stream h at each layer.
+
+    A list of K conditions that differ only in their coefficients (`same_but_coefs`, e.g. an
+    intensity sweep) runs as one pass: each batch holds every sequence K times, each copy
+    steered with its condition's coefficients (a per-row coefficient), so the records come
+    K per sequence, condition-major within the batch (`record.condition` = its index).
+    `batch_size` counts rows, copies included. Rows do not interact, so this equals K passes.
     """
     import torch
     import torch.nn.functional as F
@@ -121,12 +141,23 @@ def run_pass(
     from ..defenses import steer
     from ..train import Collator
 
+    conds = condition if isinstance(condition, list) else [condition]
+    if not same_but_coefs(conds):
+        raise ValueError("run_pass: a list of conditions must differ only in their steering coefficients")
+    k = len(conds)
     collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     device = next(model.parameters()).device
-    for idx in _batches(len(encoded), batch_size):
+    for seqs in _batches(len(encoded), max(1, batch_size // k)):
+        idx = [i for _ in conds for i in seqs]  # copy c of the batch = rows c*len(seqs) ... (c+1)*len(seqs)-1
+        which = [c for c in range(k) for _ in seqs]
         batch = collate([encoded[i] for i in idx])
+        if k == 1:
+            triples = list(conds[0].steer)
+        else:  # each triple's coefficient per row: [rows, 1, 1]
+            triples = [(v, layer, torch.tensor([float(conds[c].steer[j][2]) for c in which]).view(-1, 1, 1))
+                       for j, (v, layer, _) in enumerate(conds[0].steer)]
         keep: dict[int, Any] = {}
-        with steer(model, list(condition.steer)), _capture(model, layers, keep), torch.enable_grad() if grads else torch.no_grad():
+        with steer(model, triples), _capture(model, layers, keep), torch.enable_grad() if grads else torch.no_grad():
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
             labels = batch["labels"][:, 1:].to(device)
             ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
@@ -135,7 +166,7 @@ def run_pass(
         for row, i in enumerate(idx):
             n = len(encoded[i].input_ids)
             rec = SeqRecord(
-                index=i, input_ids=list(encoded[i].input_ids),
+                index=i, condition=which[row], input_ids=list(encoded[i].input_ids),
                 response=torch.tensor(encoded[i].labels) != -100,
                 loss_sum=float(loss[row].detach()), n_tokens=int((labels[row] != -100).sum()),
             )

@@ -111,7 +111,7 @@ def extract(model, tok, cfg, out: Path) -> tuple[list[dict], dict[str, Path]]:
 
     x = cfg.mech.extract
     trait = read_trait(x.trait_file, x.trait)
-    rows = prompt_rows(trait, x.system_template, x.neg_assistant, x.n_questions, x.n_samples)
+    rows = prompt_rows(trait, x.system_template, x.neg_assistant, x.n_questions, x.n_samples, x.placement)
     answers = _answers(model, tok, cfg, [conversation(r, False) for r in rows])
     questions = [r["question"] for r in rows]
     judge = make_judge(x.judge, x.judge_trait or trait.name, cfg.eval)

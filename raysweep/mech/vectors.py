@@ -56,14 +56,21 @@ def system_prompt(template: str, assistant: str, instruction: str) -> str:
     return template.format(article=article, assistant=assistant, instruction=instruction).strip()
 
 
-def prompt_rows(trait: Trait, template: str, neg_assistant: str, n_questions: int, n_samples: int) -> list[dict[str, Any]]:
-    """Every (polarity, instruction, question, sample) to generate; pos and neg rows align by the last three."""
+def prompt_rows(trait: Trait, template: str, neg_assistant: str, n_questions: int, n_samples: int,
+                placement: str = "system") -> list[dict[str, Any]]:
+    """Every (polarity, instruction, question, sample) to generate; pos and neg rows align by the last three.
+
+    placement system: the instruction goes in the system prompt `template`; user_suffix: after
+    the question ("{question}\n\n{instruction}", 002's in-distribution vectors), no system prompt.
+    """
     rows = []
     for polarity in ("pos", "neg"):
         assistant = trait.name if polarity == "pos" else neg_assistant
         for i, ins in enumerate(trait.instructions):
-            system = system_prompt(template, assistant, ins[polarity])
+            system = system_prompt(template, assistant, ins[polarity]) if placement == "system" else ""
             for q, question in enumerate(trait.questions[: n_questions or None]):
+                if placement == "user_suffix":
+                    question = f"{question}\n\n{ins[polarity]}"
                 for k in range(n_samples):
                     rows.append({"trait": trait.name, "polarity": polarity, "instruction_id": i, "question_id": q,
                                  "sample": k, "system": system, "question": question})
@@ -71,7 +78,9 @@ def prompt_rows(trait: Trait, template: str, neg_assistant: str, n_questions: in
 
 
 def conversation(row: dict[str, Any], with_answer: bool = True) -> Messages:
-    msgs = [{"role": "system", "content": row["system"]}, {"role": "user", "content": row["question"]}]
+    """The row's messages; no system message when its `system` is empty (the template's default applies)."""
+    msgs = ([{"role": "system", "content": row["system"]}] if row["system"] else []) + [
+        {"role": "user", "content": row["question"]}]
     return msgs + ([{"role": "assistant", "content": row["answer"]}] if with_answer else [])
 
 
