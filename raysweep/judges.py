@@ -251,9 +251,12 @@ JUDGE_SAMPLING = {"temperature": 0, "max_tokens": 1, "logprobs": True, "top_logp
 def endpoint_config(e: EvalConfig):
     from .endpoint import EndpointConfig
 
+    from .models import cache_dir
+
+    cache = str(cache_dir() / "judge.sqlite") if e.judge_cache == "default" else e.judge_cache
     return EndpointConfig(model=e.judge_model, base_url=e.judge_base_url, api_key_env=e.judge_api_key_env,
                           concurrency=e.judge_concurrency, retries=e.judge_retries, timeout=e.judge_timeout,
-                          cache=e.judge_cache)
+                          cache=cache)
 
 
 def logprob_judge(trait: str, e: EvalConfig) -> Judge:

@@ -395,3 +395,13 @@ def test_local_judge_on_smollm2_scores_0_to_100():
         assert 0.0 <= g.score <= 100.0 and g.reason == ""
         assert json.loads(g.judge_prompt)[1]["content"].startswith("Rate how much of the following response")
         assert set(json.loads(g.raw)) == {"mass", "top"}
+
+
+def test_judge_cache_defaults_to_the_raysweep_cache_dir(tmp_path, monkeypatch):
+    from raysweep.config import EvalConfig
+    from raysweep.judges import endpoint_config
+
+    monkeypatch.setenv("RAYSWEEP_CACHE", str(tmp_path / "c"))
+    assert endpoint_config(EvalConfig()).cache == str(tmp_path / "c" / "judge.sqlite")
+    assert endpoint_config(EvalConfig(judge_cache="")).cache == ""
+    assert endpoint_config(EvalConfig(judge_cache="/x/j.sqlite")).cache == "/x/j.sqlite"
