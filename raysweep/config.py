@@ -9,6 +9,7 @@ frozen dataclasses once, at the entry point.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -433,11 +434,10 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
         d["eval"].pop("extra_traits")
     if d["defense"]["grad"]["mode"] == "none":  # unused: ids stay those of configs written before it existed
         d["defense"].pop("grad")
-    start = d["model"]["start"]
-    if not start:  # likewise for the base model as start
+    if not d["model"]["start"]:  # likewise for the base model as start
         d["model"].pop("start")
-    elif start not in d["starts"]:  # an adapter directory: named by its content too, so a new file is a new trial
-        d["model"]["start"] = f"{start}@{adapter_digest(start)}"
+    else:
+        d["model"]["start"] = start_key(cfg)
     if not d["starts"]:
         d.pop("starts")
     unused = {"added_back": ("added_back", "added_back_placement"), "reinjected": ("reinject",)}
@@ -450,14 +450,30 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
     return d
 
 
+def start_key(cfg: ExperimentConfig) -> str:
+    """What names the trial's starting model: a key of `starts` (its recipe is in the config),
+    or an adapter directory with its content's digest, so a new file is a new trial."""
+    start = cfg.model.start
+    return start if not start or start in cfg.starts else f"{start}@{adapter_digest(start)}"
+
+
 def adapter_digest(path: str | Path) -> str:
-    """sha256 (12 hex) of a PEFT adapter directory's config and weights; "missing" if absent."""
-    h = hashlib.sha256()
+    """sha256 (12 hex) of a PEFT adapter directory's config and weights; "missing" if absent.
+
+    Every trial of a grid asks for it: the digest is kept per (file, size, mtime), so each
+    adapter is read once per process unless it changes.
+    """
     files = [Path(path) / "adapter_config.json", *sorted(Path(path).glob("adapter_model.*"))]
     if not all(f.is_file() for f in files):
         return "missing"
-    for f in files:
-        h.update(f.read_bytes())
+    return _digest(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, _size, _mtime in files:
+        h.update(Path(name).read_bytes())
     return h.hexdigest()[:12]
 
 

@@ -134,9 +134,9 @@ def evaluate_step(
     judges = judges if isinstance(judges, dict) else {e.trait: judges}
     base = {"model": cfg.model, "eval": e, "seed": cfg.seed}
     if cfg.model.start:  # a starting model: named by its recipe or its adapter's content
-        from .config import trial_fields
+        from .config import start_key
 
-        base["start"] = trial_fields(cfg)["model"]["start"], cfg.starts
+        base["start"] = start_key(cfg), cfg.starts
     completions, scores = [], []
     for condition in e.conditions:
         convs = condition_conversations(questions, condition, defense, cfg.seed, cfg)

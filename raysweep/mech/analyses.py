@@ -43,7 +43,7 @@ def coef_groups(conditions: list[Condition]) -> list[list[Condition]]:
     coefficients (an expanded `coefs` sweep), each run passed to `run_pass` at once."""
     groups: list[list[Condition]] = []
     for c in conditions:
-        if groups and groups[-1][0].steer and same_but_coefs(groups[-1] + [c]):
+        if groups and groups[-1][0].steer and same_but_coefs([groups[-1][0], c]):
             groups[-1].append(c)
         else:
             groups.append([c])
