@@ -1,5 +1,6 @@
 """Tests for raysweep.heuristics.logprobs and the stage: exact log-probs, shared default, Ray Data == plain."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +74,32 @@ def test_batches_respect_the_token_budget():
     assert lp.common_prefix_len([[1, 2, 3], [1, 2, 3]], limit=1) == 1
 
 
-@pytest.mark.parametrize("share_prefix,budget", [(True, 4096), (False, 4096), (True, 300), (True, 1)])
-def test_logprobs_equal_full_logits_reference(tiny, share_prefix, budget):
+def test_packs_respect_the_capacity():
+    lengths = [5, 50, 7, 20, 20, 3, 120, 40]
+    rows = lp.plan_packs(lengths, capacity=60)
+    assert sorted(i for r in rows for i in r) == list(range(8))
+    assert rows[0] == [6]  # longer than a row: alone, and first
+    for r in rows[1:]:
+        assert sum(lengths[i] for i in r) <= 60
+    assert len(rows) == 4  # 120 | 50 3 5 | 40 7 | 20 20: the shortest fill the longest's row
+    with pytest.raises(ValueError, match="capacity"):
+        lp.plan_packs([1], 0)
+
+
+@pytest.mark.parametrize("share_prefix,budget,pack", [(True, 4096, False), (False, 4096, False), (True, 300, False),
+                                                      (True, 1, False), (True, 4096, True), (True, 300, True),
+                                                      (False, 300, True), (True, 1, True)])
+def test_logprobs_equal_full_logits_reference(tiny, share_prefix, budget, pack):
     model, tok = tiny
     rows = lp.build_rows(PROMPTS, {"train": CONVS}, pools=POOLS)
     _keys, items = lp.encode_rows(tok, rows, "tiny")
     ids, labels = zip(*items.values())
-    fast = lp.score_sequences(model, list(ids), list(labels), token_budget=budget, share_prefix=share_prefix)
+    with pytest.warns(UserWarning, match="pack=True off CUDA") if pack else warnings.catch_warnings():
+        if not pack:
+            warnings.simplefilter("error")  # padded batches warn about nothing
+        fast = lp.score_sequences(model, list(ids), list(labels), token_budget=budget, share_prefix=share_prefix,
+                                  pack=pack)
+    assert model.config._attn_implementation == "sdpa"  # packing switches it only for the call
     ref = reference(model, ids, labels)
     for f, r, lab in zip(fast, ref, labels):
         assert f.dtype == np.float64 and f.shape == r.shape == (sum(y != -100 for y in lab),)
@@ -88,6 +108,37 @@ def test_logprobs_equal_full_logits_reference(tiny, share_prefix, budget):
     assert lp.score_sequences(model, [[1, 2, 3]], [[-100, -100, -100]])[0].size == 0
     with pytest.raises(ValueError, match="no context"):
         lp.score_sequences(model, [[1, 2]], [[1, 2]])
+
+
+def test_packed_rows_document_mask():
+    """The mask rule of a packed row, as CUDA runs it (flex attention with a BlockMask) and as
+    CPU runs it (a dense boolean mask for SDPA): each token attends to the shared prefix and
+    its own document's earlier tokens, and both forms give the same attention output."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    docs = torch.tensor([-1, -1, -1, 0, 0, 1, 1, 1, 2, 3, 3])  # prefix of 3, four documents (3 = padding)
+    dense = lp.packed_mask(docs)[0, 0]
+    allowed = {(q, kv) for q in range(11) for kv in range(q + 1)
+               if docs[kv] < 0 or docs[kv] == docs[q]}
+    assert {(q, kv) for q, kv in zip(*torch.nonzero(dense).T.tolist())} == allowed
+    q, k, v = (torch.randn(1, 2, 11, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    block = create_block_mask(lp.doc_mask_mod(docs), B=None, H=None, Q_LEN=11, KV_LEN=11, device="cpu")
+    flex = flex_attention(q, k, v, block_mask=block)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    assert torch.allclose(flex, sdpa, atol=1e-6)
+
+
+def test_packed_and_compiled_decoder(tiny):
+    """pack + compile: one row length, so torch.compile builds the decoder once; same numbers."""
+    model, tok = tiny
+    rows = lp.build_rows(PROMPTS, {"train": CONVS[:3]}, pools=POOLS)
+    _keys, items = lp.encode_rows(tok, rows, "tiny")
+    ids, labels = (list(x) for x in zip(*items.values()))
+    ref = lp.score_sequences(model, ids, labels)
+    for _ in range(2):  # the second call reuses the compiled decoder
+        with pytest.warns(UserWarning, match="meant for CUDA"):
+            out = lp.score_sequences(model, ids, labels, token_budget=512, pack=True, compile=True)
+        assert max(np.abs(a - b).max() for a, b in zip(out, ref)) < 1e-5
 
 
 def test_default_variant_is_computed_once_and_cached(tiny, tmp_path):

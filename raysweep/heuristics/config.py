@@ -34,6 +34,8 @@ class HeuristicsConfig:
     token_budget: int = 4096  # padded tokens per forward batch
     head_chunk: int = 1024  # positions per LM-head chunk (bounds the float32 logits memory)
     share_prefix: bool = True  # run a batch's common token prefix once and share its KV cache
+    pack: bool = False  # pack sequences into token_budget-long rows with a document mask (CUDA; slower on CPU)
+    compile: bool = False  # run the decoder through torch.compile (with pack: one shape, one compile)
     ray: bool = False  # run the pass as a Ray Data job (an actor pool) instead of in-process
     concurrency: int = 1  # Ray Data actors, each holding one model copy
     num_cpus: float = 1.0  # CPUs per actor (also its torch threads)

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from ..generation import check_labels
 
 IGNORE = -100  # label of tokens that are not scored
 VARIANTS = ("default", "fixed", "mix")
+FLEX_BLOCK = 128  # flex attention's mask block size: packed rows are a multiple of it
 
 # (input_ids, labels) per sequence -> log-prob (float64) of each labelled token, in order.
 Scorer = Callable[[list[list[int]], list[list[int]]], list[np.ndarray]]
@@ -133,6 +137,28 @@ def plan_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
+def plan_packs(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into rows of at most `capacity` tokens in all, for packing.
+
+    Longest first; each row takes the longest sequence left, then the shortest ones while
+    they fit. A sequence longer than `capacity` gets a row of its own.
+    """
+    if capacity < 1:
+        raise ValueError(f"pack capacity must be >= 1, got {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    lo, hi = 0, len(order) - 1
+    while lo <= hi:
+        row, size = [order[lo]], lengths[order[lo]]
+        lo += 1
+        while lo <= hi and size + lengths[order[hi]] <= capacity:
+            row.append(order[hi])
+            size += lengths[order[hi]]
+            hi -= 1
+        rows.append(row)
+    return rows
+
+
 def common_prefix_len(seqs: list[list[int]], limit: int) -> int:
     """Length of the longest token prefix shared by every sequence, at most `limit`."""
     n = min(limit, *(len(s) for s in seqs))
@@ -224,6 +250,99 @@ def _score_batch(decoder, head, post, seqs, labs, *, head_chunk: int, share_pref
     return list(torch.split(out, [len(tg) for tg in targets]))
 
 
+def doc_mask_mod(docs):
+    """Flex-attention mask_mod of a packed row: causal, and a token sees the shared prefix
+    (document -1) and its own document; `docs` is the document of each position."""
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & ((docs[kv] < 0) | (docs[q] == docs[kv]))
+
+    return mask_mod
+
+
+def packed_mask(docs):
+    """The attention mask of a packed row for the model's forward.
+
+    CUDA: a flex-attention BlockMask (the model runs flex attention, a fused kernel that
+    skips masked blocks). CPU: the same rule as a dense [1, 1, L, L] boolean mask for SDPA,
+    because inductor's CPU flex-attention template fails to build for some row lengths.
+    """
+    import torch
+
+    mask_mod = doc_mask_mod(docs)
+    width = len(docs)
+    if docs.device.type == "cuda":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=width, KV_LEN=width, device=docs.device)
+    idx = torch.arange(width, device=docs.device)
+    return mask_mod(0, 0, idx[:, None], idx[None, :])[None, None]
+
+
+def _score_packed(decoder, head, post, seqs, labs, *, shared: int, length: int, head_chunk: int, device,
+                  buf: dict):
+    """Score `seqs` packed into one row: [shared prefix][doc 0][doc 1]...[padding].
+
+    Each document keeps the position ids it has alone and sees only the shared prefix and
+    its own earlier tokens (`packed_mask`; padding sees only padding), so its log-probs
+    are those of its own forward.
+    """
+    import torch
+
+    ids, pos, doc, where, ys = list(seqs[0][:shared]), list(range(shared)), [-1] * shared, [], []
+    for d, (s, lab) in enumerate(zip(seqs, labs)):
+        start = len(ids) - shared  # packed index of the document's position p >= shared: start + p
+        ids += s[shared:]
+        pos += range(shared, len(s))
+        doc += [d] * (len(s) - shared)
+        for t, y in enumerate(lab):
+            if y != IGNORE:  # position t - 1 predicts token t
+                where.append(t - 1 if t - 1 < shared else start + t - 1)
+                ys.append(y)
+    width = -(-max(length, len(ids)) // FLEX_BLOCK) * FLEX_BLOCK  # whole mask blocks: one shape per row length
+    pad = width - len(ids)
+    ids += [0] * pad
+    pos += range(pad)
+    doc += [len(seqs)] * pad
+    mask = packed_mask(torch.tensor(doc, device=device))
+    hidden = decoder(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
+                     attention_mask=mask, use_cache=False).last_hidden_state[0]
+    h = hidden[torch.tensor(where, device=device)]
+    del hidden, mask
+    out = _head_logprobs(head, post, h, torch.tensor(ys, device=device), head_chunk, buf)
+    return list(torch.split(out, [sum(y != IGNORE for y in lab) for lab in labs]))
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> its torch.compile'd module
+
+
+def _compiled(decoder):
+    import torch
+
+    if decoder not in _COMPILED:
+        _COMPILED[decoder] = torch.compile(decoder)
+    return _COMPILED[decoder]
+
+
+@contextmanager
+def _attention(model, implementation: str | None):
+    """Switch the model's attention implementation for the duration (None or the current one: leave it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    if implementation is None or implementation == before:
+        yield
+        return
+    try:
+        base.set_attn_implementation(implementation)
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"pack=True on CUDA needs flex attention, which {type(base).__name__} does not "
+                         f"support here: {e}") from e
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
+
+
 def score_sequences(
     model,
     input_ids: list[list[int]],
@@ -232,6 +351,8 @@ def score_sequences(
     token_budget: int = 4096,
     head_chunk: int = 1024,
     share_prefix: bool = True,
+    pack: bool = False,
+    compile: bool = False,
 ) -> list[np.ndarray]:
     """Log-probability (float64) of each token whose label != -100, in order, per sequence.
 
@@ -241,6 +362,12 @@ def score_sequences(
     KV cache shared by the rows (`share_prefix`); only the hidden states that predict a
     labelled token go through the LM head, `head_chunk` positions at a time, and the
     log-softmax is logit[y] - logsumexp(logits) in float32, in place in a reused buffer.
+
+    `pack`: instead, sequences are packed without padding into rows of `token_budget`
+    tokens (the prefix common to all of them once per row) and attend through a document
+    mask (`packed_mask`: flex attention on CUDA, a dense mask for SDPA on CPU); every row
+    has the same length, so `compile` (the decoder through torch.compile) compiles once.
+    Meant for CUDA; on CPU it is exact but slower than padded batches (bench/NOTES.md).
     """
     import torch
 
@@ -250,13 +377,33 @@ def score_sequences(
     if not todo:
         return result
     decoder, head, post = _decoder_and_head(model)
+    forward = _compiled(decoder) if compile else decoder
     device = next(model.parameters()).device
     buf: dict = {}  # the LM head's logits buffer, reused by every batch
-    with torch.inference_mode():
-        for batch in plan_batches([len(input_ids[i]) for i in todo], token_budget):
-            idx = [todo[b] for b in batch]
-            lps = _score_batch(decoder, head, post, [input_ids[i] for i in idx], [labels[i] for i in idx],
-                               head_chunk=head_chunk, share_prefix=share_prefix, device=device, buf=buf)
+    flex = pack and device.type == "cuda"
+    if pack and not flex:
+        warnings.warn("pack=True off CUDA is exact but slower than padded batches (a dense document mask, "
+                      "nothing skipped); it is meant for CUDA (bench/NOTES.md)", stacklevel=2)
+    with torch.inference_mode(), _attention(model, "flex_attention" if flex else "sdpa" if pack else None):
+        if pack:
+            seqs = [input_ids[i] for i in todo]
+            shared = 0
+            if share_prefix and len(seqs) > 1:  # the same tokens in every sequence, before its first label
+                first = min(next(t for t, y in enumerate(labels[i]) if y != IGNORE) for i in todo)
+                shared = common_prefix_len(seqs, limit=first - 1)
+                shared = shared if shared >= 4 else 0
+            groups = plan_packs([len(s) - shared for s in seqs], max(1, token_budget - shared))
+        else:
+            groups = plan_batches([len(input_ids[i]) for i in todo], token_budget)
+        for group in groups:
+            idx = [todo[b] for b in group]
+            seqs, labs = [input_ids[i] for i in idx], [labels[i] for i in idx]
+            if pack:
+                lps = _score_packed(forward, head, post, seqs, labs, shared=shared, length=token_budget,
+                                    head_chunk=head_chunk, device=device, buf=buf)
+            else:
+                lps = _score_batch(forward, head, post, seqs, labs, head_chunk=head_chunk,
+                                   share_prefix=share_prefix, device=device, buf=buf)
             for i, lp in zip(idx, lps):
                 result[i] = lp.numpy()
     return result
@@ -269,6 +416,8 @@ def transformers_backend(
     token_budget: int = 4096,
     head_chunk: int = 1024,
     share_prefix: bool = True,
+    pack: bool = False,
+    compile: bool = False,
 ) -> Scorer:
     """Load the model once; return a scorer that runs `score_sequences` on it (device "auto": cuda if present)."""
     import torch
@@ -281,7 +430,7 @@ def transformers_backend(
 
     def scorer(input_ids: list[list[int]], labels: list[list[int]]) -> list[np.ndarray]:
         return score_sequences(model, input_ids, labels, token_budget=token_budget, head_chunk=head_chunk,
-                               share_prefix=share_prefix)
+                               share_prefix=share_prefix, pack=pack, compile=compile)
 
     return scorer
 

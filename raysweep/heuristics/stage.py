@@ -91,7 +91,7 @@ def score_fn(h: HeuristicsConfig, model_name: str, dtype: str, threads: int = 0)
     from .logprobs import make_scorer, score_plain, score_ray
 
     kwargs = {"model_name": model_name, "dtype": dtype, "device": h.device, "token_budget": h.token_budget,
-              "head_chunk": h.head_chunk, "share_prefix": h.share_prefix}
+              "head_chunk": h.head_chunk, "share_prefix": h.share_prefix, "pack": h.pack, "compile": h.compile}
     if h.backend == "vllm":  # the engine is a Ray Data job itself: run it from here, on a local Ray if none
         def run_vllm(items):
             ensure_ray()
