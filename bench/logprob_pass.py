@@ -15,7 +15,7 @@ GPU (random-initialised Qwen2.5-7B shape: the real model's FLOPs). The GPU machi
 tokenizer package, so encode the rows here and carry the file:
     .venv/bin/python bench/logprob_pass.py --examples 384 --save-rows bench/rows.json
     python bench/logprob_pass.py --rows bench/rows.json --arch qwen2.5-7b --device cuda \
-        --dtype bfloat16 --token-budget 32768 [--pack --compile]
+        --dtype bfloat16 --token-budget 32768 --head-chunk 4096 [--pack --compile]
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--token-budget", type=int, default=4096)
+    ap.add_argument("--head-chunk", type=int, default=1024, help="positions per LM-head chunk")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-share-prefix", action="store_true")
     ap.add_argument("--pack", action="store_true", help="engine packs rows with a document mask")
@@ -131,11 +132,12 @@ def main() -> None:
     n_scored = sum(sum(y != -100 for y in lab) for lab in labels)
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"model {name}, {args.dtype} on {gpu}, {len(ids)} rows, {n_tok} tokens ({n_scored} scored), "
-          f"torch threads {args.threads}, token budget {args.token_budget}, share_prefix {not args.no_share_prefix}, "
+          f"torch threads {args.threads}, token budget {args.token_budget}, head chunk {args.head_chunk}, "
+          f"share_prefix {not args.no_share_prefix}, "
           f"pack {args.pack}, compile {args.compile}, load average at start {os.getloadavg()[0]:.2f}")
 
     def engine():
-        return score_sequences(model, ids, labels, token_budget=args.token_budget,
+        return score_sequences(model, ids, labels, token_budget=args.token_budget, head_chunk=args.head_chunk,
                                share_prefix=not args.no_share_prefix, pack=args.pack, compile=args.compile)
 
     naive_lps = engine_lps = None
