@@ -221,9 +221,16 @@ def test_heuristics_pass_agrees_between_backends(ray_local, tmp_path, monkeypatc
     h = [pl.read_parquet(out[b] / "heuristics.parquet").sort("prompt_key", "metric") for b in ("transformers", "vllm")]
     assert h[0]["metric"].to_list() == h[1]["metric"].to_list() and h[0].height > 20
     ratio = pl.col("metric").str.starts_with("snr")  # mean / std: dimensionless, compared relatively
-    for frame in (h[0].filter(~ratio), h[1].filter(~ratio)):
+    # Self-perplexity is a per-token mean over the prompt's ~10 tokens alone (NLL ~8 nats), not a
+    # mean over examples, so it carries the per-token error: measured up to 1.06e-4 at 8.09
+    # (1.3e-5 relative). It is held to the per-token bound; the other heuristics to 1e-4.
+    selfperp = pl.col("metric").str.starts_with("selfperp")
+    for frame in (h[0].filter(~ratio & ~selfperp), h[1].filter(~ratio & ~selfperp), h[0].filter(selfperp)):
         assert frame.height > 20
-    np.testing.assert_allclose(h[1].filter(~ratio)["value"].to_numpy(), h[0].filter(~ratio)["value"].to_numpy(),
-                               atol=1e-4, rtol=0)  # logprob units (PH, PPD, MALD, sigma, self-perplexity), gamma
+    np.testing.assert_allclose(h[1].filter(~ratio & ~selfperp)["value"].to_numpy(),
+                               h[0].filter(~ratio & ~selfperp)["value"].to_numpy(),
+                               atol=1e-4, rtol=0)  # logprob units (PH, PPD, MALD, sigma), gamma
+    np.testing.assert_allclose(h[1].filter(selfperp)["value"].to_numpy(), h[0].filter(selfperp)["value"].to_numpy(),
+                               atol=3e-4, rtol=0)
     np.testing.assert_allclose(h[1].filter(ratio)["value"].to_numpy(), h[0].filter(ratio)["value"].to_numpy(),
                                rtol=5e-4, atol=0)
