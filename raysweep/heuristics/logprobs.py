@@ -170,6 +170,19 @@ def common_prefix_len(seqs: list[list[int]], limit: int) -> int:
     return n
 
 
+def shared_prefix_len(seqs: list[list[int]], labs: list[list[int]]) -> int:
+    """Tokens at the head of every sequence that predict no label, worth running once (0 if < 4).
+
+    Bounded by the first position that predicts a labelled token, so every scored position
+    lies after the shared prefix.
+    """
+    if len(seqs) < 2:
+        return 0
+    first = min(next(t for t, y in enumerate(lab) if y != IGNORE) for lab in labs)
+    shared = common_prefix_len(seqs, limit=first - 1)
+    return shared if shared >= 4 else 0
+
+
 def _decoder_and_head(model):
     """(decoder stack, LM head module, in-place logit post-processing of the architecture)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
@@ -224,10 +237,7 @@ def _score_batch(decoder, head, post, seqs, labs, *, head_chunk: int, share_pref
 
     targets = [[(t - 1, y) for t, y in enumerate(lab) if y != IGNORE] for lab in labs]
     # Positions [0, shared) are the same tokens in every row and predict no label: computed once.
-    shared = 0
-    if share_prefix and len(seqs) > 1:
-        shared = common_prefix_len(seqs, limit=min(tg[0][0] for tg in targets))
-        shared = shared if shared >= 4 else 0
+    shared = shared_prefix_len(seqs, labs) if share_prefix else 0
     width = max(len(s) for s in seqs)
     # Right padding needs no attention mask: causal attention never looks at later positions.
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -296,8 +306,8 @@ def _score_packed(decoder, head, post, seqs, labs, *, shared: int, length: int, 
         pos += range(shared, len(s))
         doc += [d] * (len(s) - shared)
         for t, y in enumerate(lab):
-            if y != IGNORE:  # position t - 1 predicts token t
-                where.append(t - 1 if t - 1 < shared else start + t - 1)
+            if y != IGNORE:  # position t - 1 (>= shared) predicts token t
+                where.append(start + t - 1)
                 ys.append(y)
     width = -(-max(length, len(ids)) // FLEX_BLOCK) * FLEX_BLOCK  # whole mask blocks: one shape per row length
     pad = width - len(ids)
@@ -387,11 +397,7 @@ def score_sequences(
     with torch.inference_mode(), _attention(model, "flex_attention" if flex else "sdpa" if pack else None):
         if pack:
             seqs = [input_ids[i] for i in todo]
-            shared = 0
-            if share_prefix and len(seqs) > 1:  # the same tokens in every sequence, before its first label
-                first = min(next(t for t, y in enumerate(labels[i]) if y != IGNORE) for i in todo)
-                shared = common_prefix_len(seqs, limit=first - 1)
-                shared = shared if shared >= 4 else 0
+            shared = shared_prefix_len(seqs, [labels[i] for i in todo]) if share_prefix else 0
             groups = plan_packs([len(s) - shared for s in seqs], max(1, token_budget - shared))
         else:
             groups = plan_batches([len(input_ids[i]) for i in todo], token_budget)
