@@ -1,5 +1,6 @@
 """Tests for raysweep.heuristics.logprobs and the stage: exact log-probs, shared default, Ray Data == plain."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -209,6 +210,46 @@ def test_experiment_files_resolve(exp, capsys, monkeypatch):
     assert cfg.sweep.arms == [] and h.prompts_file.endswith("prompts.json")
     assert main([f"exp={exp}", "dry_run=true"]) == 0
     assert capsys.readouterr().out.startswith("48 prompts (48 labelled)")
+
+
+@pytest.mark.parametrize("exp", ["heuristics_playful_french", "heuristics_german_flattering"])
+def test_experiment_files_run_every_metric_for_48_prompts(exp, tmp_path, monkeypatch):
+    """Issue 4 acceptance: each file runs every metric family for all 48 prompts of the seed's
+    prompts.json with the rephrasing pools of ../shared/data (tiny model, a few completions)."""
+    monkeypatch.chdir(REPO)
+    import polars as pl
+
+    from raysweep.config import load_config
+    from raysweep.heuristics.__main__ import main
+
+    h_cfg = load_config(exp).heuristics
+    groups = json.loads(Path(h_cfg.prompts_file).read_text())[h_cfg.prompt_set]["groups"]
+    keys = {k for group in groups.values() for k in group}
+    assert len(keys) == 48
+    assert main([f"exp={exp}", "model.name=tiny-random", f"storage={tmp_path}", "heuristics.n_train=3",
+                 "heuristics.n_control=2", "heuristics.n_extra=2"]) == 0
+    out = tmp_path / exp
+    assert set(pl.read_parquet(out / "prompts.parquet")["prompt_key"]) == keys
+    h = pl.read_parquet(out / "heuristics.parquet")
+    per_prompt = h.filter(pl.col("prompt_key") != "")
+    assert set(per_prompt["prompt_key"]) == keys
+    metric_sets = per_prompt.group_by("prompt_key").agg(pl.col("metric").sort())["metric"].to_list()
+    assert all(m == metric_sets[0] for m in metric_sets)  # every prompt gets every metric
+    names = set(metric_sets[0])
+    expected = {"ph_fixed", "ph_mix", "ppd_fixed", "ppd_mix", "gamma_fixed", "sigma_mix", "snr_abs_fixed",
+                "mald_mix", "selfperp_raw", "selfperp_context", "pca_point_fixed_pc1", "svd_token_mix_sv1",
+                "angle_raw_point_fixed_to_neutral", "angle_svd2_token_mix_to_neutral", "gap_svd1_mald_ratio",
+                "gap_pca1_cos_fixed_mix", "gap_raw_snr_ratio"}
+    assert expected <= names, expected - names
+    assert {m.split("_")[0] for m in names} == {"ph", "ppd", "gamma", "sigma", "snr", "mald", "selfperp", "pca",
+                                                "svd", "angle", "gap"}
+    overall = set(h.filter(pl.col("prompt_key") == "")["metric"])  # explained variance, angle summaries
+    assert {"pca_point_fixed_evr1", "svd_token_mix_evr1", "angle_raw_point_fixed_cross_trait_mean"} <= overall
+    if h_cfg.extra_sets:  # cross-trait PH / PPD on the other trait's completions
+        assert any("@" in m for m in names)
+    scalar = per_prompt.filter(pl.col("metric").str.contains(r"^(ph|ppd|gamma|sigma|mald|selfperp)_"))
+    assert scalar.height >= 48 * 10 and not scalar["value"].is_nan().any()
+    assert pl.read_parquet(out / "angles.parquet").height > 0
 
 
 def test_stage_end_to_end(tmp_path, monkeypatch):
