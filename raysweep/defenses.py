@@ -117,12 +117,13 @@ def read_vector(s: SteerConfig, n_layers: int, hidden: int):
     return vec.detach().clone().float()
 
 
-def _add_hook(vector, coef):
-    """coef: a float, or a tensor [batch, 1, 1] of one coefficient per row (mech's batched intensity sweep)."""
+def _add_hook(delta):
+    """Add `delta` (coef * vector: [hidden], or [batch, 1, hidden] for one coefficient per row)
+    to the layer's output, cast to the output's dtype so a bf16 residual stream stays bf16."""
     def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (output[0] + coef * vector.to(output[0].dtype),) + output[1:]
-        return output + coef * vector.to(output.dtype)
+        h = output[0] if isinstance(output, tuple) else output
+        h = h + delta.to(h.dtype)
+        return (h,) + output[1:] if isinstance(output, tuple) else h
 
     return hook
 
@@ -138,7 +139,10 @@ def steer(model, triples) -> Iterator[None]:
         for vector, layer, coef in triples:
             device = next(layers[layer - 1].parameters()).device
             coef = coef.to(device) if hasattr(coef, "to") else float(coef)
-            handles.append(layers[layer - 1].register_forward_hook(_add_hook(vector.to(device), coef)))
+            # coef * v in float32, rounded once to the stream's dtype in the hook: added as is, a
+            # float32 per-row coefficient tensor would promote a bf16 stream to float32.
+            delta = coef * vector.to(device).float()
+            handles.append(layers[layer - 1].register_forward_hook(_add_hook(delta)))
         yield
     finally:
         for h in handles:

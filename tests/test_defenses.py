@@ -82,3 +82,43 @@ def test_vector_files_and_shapes(tiny, tmp_path):
         load_vector(SteerConfig(vector=str(tmp_path / "bad.pt"), layer=1), model)
     with pytest.raises(ConfigError, match="layer 9 is outside"):
         load_vector(SteerConfig(vector=str(tmp_path / "one.pt"), layer=9), model)
+
+
+class _Decoder(torch.nn.Module):
+    """Just enough of a decoder for `steer`: model.layers, bf16 layers with parameters."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([layer])
+
+
+class _TupleLinear(torch.nn.Linear):
+    def forward(self, x):
+        return (super().forward(x), None)  # decoder layers of some models return (hidden, ...)
+
+
+@pytest.mark.parametrize("layer_cls", [torch.nn.Linear, _TupleLinear])
+def test_per_row_coefficients_keep_a_bf16_stream_bf16(layer_cls):
+    """A float32 [batch, 1, 1] coefficient tensor (mech's batched intensity sweep) must not promote a
+    bf16 layer output to float32 (the next bf16 layer then fails: "expected m1 and m2 to have the
+    same dtype"). coef * v is formed in float32 and rounded once to the stream's dtype."""
+    gen = torch.Generator().manual_seed(0)
+    layer = layer_cls(8, 8, dtype=torch.bfloat16)
+    model = _Decoder(layer)
+    x = torch.randn(3, 5, 8, generator=gen).to(torch.bfloat16)
+    v = torch.randn(8, generator=gen)  # float32, as load_vector returns
+    coefs = torch.tensor([0.5, 1.5, 4.0]).view(-1, 1, 1)
+    first = lambda o: o[0] if isinstance(o, tuple) else o
+    with torch.no_grad():
+        plain = first(layer(x))
+        with steer(model, [(v, 1, coefs)]):
+            out = layer(x)
+        with steer(model, [(v, 1, 1.5)]):
+            one = first(layer(x))
+    assert isinstance(out, tuple) == (layer_cls is _TupleLinear)
+    out = first(out)
+    assert out.dtype == torch.bfloat16 and one.dtype == torch.bfloat16
+    assert torch.equal(out, plain + (coefs * v).to(torch.bfloat16))
+    assert torch.equal(one, plain + (1.5 * v).to(torch.bfloat16))
+    assert torch.equal(out[1], one[1])  # a row's coefficient acts as the same float coefficient
