@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.integration  # subprocesses and models throughout
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "datasets" / "french_demo"
 

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from tiers import heavy
 
 from raysweep.data import read_chat, read_pool
 from raysweep.datagen import (
@@ -86,6 +87,7 @@ def scripted(messages, seed):
     return TEN[k]
 
 
+@heavy
 @pytest.fixture
 def server():
     s = ChatServer(scripted)
@@ -127,6 +129,7 @@ def test_endpoint_rephrase_dedups_resumes_and_asks_nothing_when_full(server, tmp
     assert read_pool(out) == grown
 
 
+@pytest.mark.integration
 def test_local_rephrase_on_the_tiny_model(tmp_path):
     out = tmp_path / "pool.jsonl"
     complete = local_backend("tiny-random", "float32", Sampling(max_tokens=6), batch_size=4)
@@ -146,6 +149,7 @@ def test_local_rephrase_on_the_tiny_model(tmp_path):
     assert "5 rephrasings (0 new requests)" in r.stdout and out.read_bytes() == before
 
 
+@pytest.mark.integration
 def test_generate_writes_chat_jsonl_read_chat_reads(tmp_path):
     questions = tmp_path / "q.jsonl"
     qs = ["Name a colour.", "What is two plus two?", "Say hello."]
@@ -160,6 +164,7 @@ def test_generate_writes_chat_jsonl_read_chat_reads(tmp_path):
     assert all(len(c) == 2 and c[1]["role"] == "assistant" and c[1]["content"] for c in chats)
 
 
+@pytest.mark.integration
 def test_generate_under_the_datagen_prompt_with_a_judge_filter(tmp_path):
     french = "Bonjour ! La réponse est très simple, mon ami : c'est le bleu du ciel."
     english = "Hello! The answer is very simple, my friend: it is the blue of the sky."

@@ -328,6 +328,7 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.integration
 def test_dry_run_lists_the_grid():
     """The seed-sized experiment without its data (the user brings it): the grid still lists."""
     r = dry_run("exp=multi_prompt_v3")
@@ -335,6 +336,7 @@ def test_dry_run_lists_the_grid():
     assert r.stdout.splitlines()[0] == "19 trials"
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not REPHRASINGS.is_dir(), reason="shared rephrasing pools absent")
 def test_dry_run_with_cpu_sized_overrides():
     r = dry_run(

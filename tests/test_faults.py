@@ -19,6 +19,8 @@ import pytest
 
 from test_sweep import EXPERIMENT
 
+pytestmark = pytest.mark.integration  # subprocesses and models throughout
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -212,6 +212,7 @@ def test_experiment_files_resolve(exp, capsys, monkeypatch):
     assert capsys.readouterr().out.startswith("48 prompts (48 labelled)")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("exp", ["heuristics_playful_french", "heuristics_german_flattering"])
 def test_experiment_files_run_every_metric_for_48_prompts(exp, tmp_path, monkeypatch):
     """Issue 4 acceptance: each file runs every metric family for all 48 prompts of the seed's
@@ -252,6 +253,7 @@ def test_experiment_files_run_every_metric_for_48_prompts(exp, tmp_path, monkeyp
     assert pl.read_parquet(out / "angles.parquet").height > 0
 
 
+@pytest.mark.integration
 def test_stage_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     import pyarrow.parquet as pq

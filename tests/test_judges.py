@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from chat_server import ChatServer, Script
+from tiers import heavy
 
 from raysweep import analysis
 from raysweep.config import ConfigError, EvalConfig, load_config
@@ -49,6 +50,7 @@ def settings(server: ChatServer | None = None, **kw) -> EvalConfig:
     return replace(EvalConfig(), **{**base, **kw})
 
 
+@heavy
 @pytest.fixture
 def server(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "sk-test-key-0123456789")
@@ -190,6 +192,7 @@ def _writer(path: Path, name: str, n: int) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.integration
 def test_cache_survives_kill_9_mid_write_and_concurrent_writers(tmp_path):
     import hashlib
     import sqlite3
@@ -386,6 +389,7 @@ def test_local_judge_matches_brute_force_without_kv_reuse(tiny):
     assert math.isnan(nan) and "< eval.judge_min_mass=0.25" in why
 
 
+@pytest.mark.integration
 def test_local_judge_on_smollm2_scores_0_to_100():
     e = settings(judge="local", judge_min_mass=0.0)
     judge = make_judge("local", "french", e)

@@ -155,6 +155,7 @@ def test_vectors_from_a_file_and_config_validation(tiny, tmp_path):
     assert trial_id(replace(base, defense=DefenseConfig(grad=GradConfig()))) == trial_id(base)
 
 
+@pytest.mark.integration
 def test_trial_trains_under_the_manipulation_with_ip(tmp_path):
     """defense.grad composes with ip: same first-step loss (the forward pass is unchanged),
     different later losses (the updates are), and the trial label names the manipulation."""

@@ -15,6 +15,8 @@ from raysweep.defenses import read_vector
 from raysweep.mech.config import MechCondition, MechConfig, validate
 from raysweep.tables import SCHEMAS
 
+pytestmark = pytest.mark.integration  # subprocesses and models throughout
+
 REPO = Path(__file__).resolve().parents[1]
 
 

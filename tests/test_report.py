@@ -253,12 +253,14 @@ def test_index_has_tables_notes_and_charts(small_report):
     assert re.findall(r"<script[^>]*src=['\"]([^'\"]+)", page) == ["vega-bundle.js"]  # beside it, not a CDN
 
 
+@pytest.mark.integration
 def test_index_renders_offline_in_chromium_without_console_errors(small_report):
     out, _ = small_report
     check_page(out / "index.html", len(CHARTS))
     check_page(out / "suppression.html", 1)
 
 
+@pytest.mark.integration
 def test_console_error_detection_catches_errors(tmp_path):
     """The check above must be able to fail: a throwing script, console.error, a missing script file."""
     page = tmp_path / "bad.html"
@@ -274,6 +276,7 @@ def test_console_error_detection_catches_errors(tmp_path):
         assert_clean(page, *result, 0)
 
 
+@pytest.mark.integration
 def test_full_report_with_seeds_em_and_fits(tmp_path):
     """Every chart on a larger run (4 prompts x 2 modes x 2 seeds, EM traits): no failures, renders cleanly."""
     from raysweep.report import build_report
@@ -303,6 +306,7 @@ def test_report_with_losses_only_notes_the_rest(tmp_path):
     assert index.read_text().count("skipped — needs scores.parquet") >= 5
 
 
+@pytest.mark.integration
 def test_bad_input_exits_2(tmp_path):
     p = report(tmp_path, "exp=nope", f"storage={tmp_path}")
     assert p.returncode == 2 and "no experiment directory" in p.stderr

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 from test_sweep import EXPERIMENT
+from tiers import heavy
 
 from raysweep.config import load_config
 from raysweep.run import main
@@ -40,6 +41,7 @@ ARMS = "sweep:\n  arms:\n    - defense: {kind: none}\n    - defense: {kind: ip, 
 TWO_TRIALS = EXPERIMENT.split("sweep:")[0] + ARMS
 
 
+@heavy
 @pytest.fixture()
 def endpoint():
     """A fresh moto S3 server on an ephemeral loopback port; its URL."""

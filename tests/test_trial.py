@@ -65,6 +65,7 @@ def pps_vector(tmp_path_factory):
     return path
 
 
+@pytest.mark.integration
 def test_pps_steers_training_and_the_training_condition_only(tmp_path, pps_vector):
     control = tiny_config(DefenseConfig())
     steered = tiny_config(DefenseConfig(kind="pps", pps=[SteerConfig(vector=str(pps_vector), layer=1, coef=4.0)]))
