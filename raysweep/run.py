@@ -22,13 +22,27 @@ from .trial import EVAL_TABLES, is_done, prepare, trial_dir
 USAGE = "usage: python -m raysweep.run exp=NAME [key=value ...]   (dry_run=true lists the trials)"
 
 
+def _compared(key: str) -> bool:
+    """An axis of the defense being compared (kind, IP prompt/mode/placement/pool, PPS triples).
+
+    Everything else, `defense.grad.*` included (gradient manipulation composes with any
+    defense), must be equal for two trials to be compared.
+    """
+    return key in ("defense", "defense.kind", "defense.pps") or key.startswith(("defense.ip.", "defense.pps."))
+
+
 def _group(t: Trial) -> tuple:
-    """The non-defense axes: trials with the same group are compared with each other."""
-    return tuple(sorted((k, json.dumps(v, default=str)) for k, v in t.axes.items() if not k.startswith("defense.")))
+    """The axes other than the compared defense: trials with the same group are compared with each other."""
+    return tuple(sorted((k, json.dumps(v, default=str)) for k, v in t.axes.items() if not _compared(k)))
 
 
 def controls(trials: list[Trial], neutral: str) -> dict[str, tuple[str, str]]:
-    """trial id -> (no-defense control id, neutral-prompt control id) at the same grid point."""
+    """trial id -> (no-defense control id, neutral-prompt control id) at the same grid point.
+
+    A trial's controls differ from it only in the compared defense (`_compared`); every other
+    axis, `defense.grad.*` included, is equal. The neutral control also has the trial's IP
+    mode and placement. "" = no such trial.
+    """
     none = {_group(t): t.id for t in trials if t.config.defense.kind == "none"}
     neutral_ids = {
         (_group(t), t.config.defense.ip.mode, t.config.defense.ip.placement): t.id
@@ -86,7 +100,8 @@ def show_summary(exp_dir: Path, cfg: ExperimentConfig) -> None:
     if not trials.height:
         return
     df = summarize(trials, pl.read_parquet(exp_dir / "scores.parquet"),
-                   pl.read_parquet(exp_dir / "heldout_logprob.parquet"), cfg.neutral_prompt)
+                   pl.read_parquet(exp_dir / "heldout_logprob.parquet"), cfg.neutral_prompt,
+                   traits=[cfg.eval.trait, *cfg.eval.extra_traits])  # one row per (trial, trait)
     write_table(exp_dir / "summary.parquet", df.to_arrow())
     print(format_summary(df, cfg.eval.trait))
     sysp = trials["default_system_prompt"][0]
