@@ -14,11 +14,21 @@ from .config import TrainConfig
 from .data import Encoded
 
 
+def steps_per_epoch(cfg: TrainConfig, n_examples: int) -> int:
+    """Optimizer steps in one pass: a last partial effective batch is still a step.
+
+    Seed 001 (E.3) counts this way: 4,681 samples at 4 x 8 = 1,171 micro-batches and 147
+    steps per epoch, 441 for 3 epochs (E.4). Seed 003 counts 10k / 32 = 312 steps (dropping
+    the last 16 examples; the ceil would give 313): its experiment files pin that count
+    (train.max_steps: 312, 181 for the EM setting), so each file carries its seed's count.
+    """
+    return max(1, math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum)))
+
+
 def total_steps(cfg: TrainConfig, n_examples: int) -> int:
     if cfg.max_steps:
         return cfg.max_steps
-    # An incomplete last effective batch is dropped: 10k examples / 32 = 312 steps (the seed's count).
-    return max(1, n_examples * cfg.epochs // (cfg.batch_size * cfg.grad_accum))
+    return cfg.epochs * steps_per_epoch(cfg, n_examples)
 
 
 def checkpoint_steps(cfg: TrainConfig, total: int) -> list[int]:
@@ -32,21 +42,27 @@ def checkpoint_steps(cfg: TrainConfig, total: int) -> list[int]:
     return sorted(steps)
 
 
-def example_order(n: int, steps: int, micro_per_step: int, batch_size: int, seed: int) -> list[list[int]]:
-    """Example indices of every micro-batch, epoch after epoch, each epoch a seeded shuffle.
+def example_order(n: int, steps: int, micro_per_step: int, batch_size: int, seed: int) -> list[list[list[int]]]:
+    """Example indices of every step's micro-batches: step s (1-based) trains on `[s - 1]`.
 
-    A pure function of its arguments, so a resumed trial sees the same batches.
+    Epoch after epoch, each a seeded shuffle of all `n` examples cut into effective batches
+    of `micro_per_step` x `batch_size`; an epoch's last, partial effective batch is a shorter
+    step (its last micro-batch shorter too: seed 001's 1,171 micro-batches of 4,681 at 4),
+    never filled with the next epoch's examples. A step never spans two epochs. A pure
+    function of its arguments, and a step's batches do not depend on `steps`, so a resumed
+    trial sees the same batches.
     """
-    need = steps * micro_per_step * batch_size
-    order: list[int] = []
+    per_step = micro_per_step * batch_size
+    out: list[list[list[int]]] = []
     epoch = 0
-    while len(order) < need:
+    while len(out) < steps and n > 0:
         perm = list(range(n))
         random.Random(f"order:{seed}:{epoch}").shuffle(perm)
-        order += perm
+        for i in range(0, n, per_step):
+            chunk = perm[i : i + per_step]
+            out.append([chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)])
         epoch += 1
-    order = order[:need]
-    return [order[i : i + batch_size] for i in range(0, need, batch_size)]
+    return out[:steps]
 
 
 @dataclass(frozen=True)

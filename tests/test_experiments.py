@@ -349,3 +349,14 @@ def test_dry_run_with_cpu_sized_overrides():
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "19 trials"
     assert "not ready" not in r.stderr  # every input, the 9 pools included, was found
+
+
+def test_step_counts_are_the_seeds():
+    """Seed 001 E.3: 4,681 samples at 4 x 8 = 147 steps (a last partial batch is a step);
+    seed 003: 10k at 32 = 312 steps (floored), pinned by its files as train.max_steps."""
+    cfg = load("pps_vs_ip_gradmanip")
+    assert (cfg.train.max_steps, cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum) == (0, 1, 4, 8)
+    assert total_steps(cfg.train, 4681) == 147
+    for name in ("multi_prompt_v3", "german_flattering", "lr_sweep"):
+        for t in trials_of(name):
+            assert total_steps(t.config.train, 10_000) == 312, name

@@ -36,14 +36,38 @@ def test_checkpoint_schedules():
 
 def test_steps_and_batch_order():
     t = TrainConfig(batch_size=4, grad_accum=8)
-    assert total_steps(t, 10_000) == 312  # 10k examples, effective batch 32: the seed's 312 steps
+    assert total_steps(t, 10_000) == 313  # a last partial effective batch is a step (seed 001's count)
+    assert total_steps(t, 9_984) == 312
     assert total_steps(replace(t, max_steps=5), 10_000) == 5
-    order = example_order(10, steps=3, micro_per_step=2, batch_size=4, seed=0)
-    assert len(order) == 6 and all(len(b) == 4 for b in order)
-    flat = [i for b in order for i in b]
-    assert sorted(flat[:10]) == list(range(10))  # each epoch is a permutation
-    assert order == example_order(10, steps=3, micro_per_step=2, batch_size=4, seed=0)
-    assert order != example_order(10, steps=3, micro_per_step=2, batch_size=4, seed=1)
+    order = example_order(16, steps=2, micro_per_step=2, batch_size=4, seed=0)
+    assert len(order) == 2 and all(len(step) == 2 and all(len(b) == 4 for b in step) for step in order)
+    flat = [i for step in order for b in step for i in b]
+    assert sorted(flat) == list(range(16))  # each epoch is a permutation
+    assert order == example_order(16, steps=2, micro_per_step=2, batch_size=4, seed=0)
+    assert order != example_order(16, steps=2, micro_per_step=2, batch_size=4, seed=1)
+
+
+def test_seed_step_counts():
+    """Seed 001 E.3/E.4: 4,681 samples at 4 x 8 = 1,171 micro-batches, 147 steps per epoch,
+    441 for 3 epochs. Seed 003 counts 10k / 32 as 312 (floored): its files pin max_steps: 312."""
+    t = TrainConfig(batch_size=4, grad_accum=8, epochs=1)
+    assert total_steps(t, 4681) == 147
+    assert total_steps(replace(t, epochs=3), 4681) == 441
+    order = example_order(4681, 441, 8, 4, seed=0)
+    assert sum(len(step) for step in order[:147]) == 1171  # the seed's micro-batches per epoch
+    for epoch in range(3):
+        steps = order[147 * epoch : 147 * (epoch + 1)]
+        assert [len(b) for b in steps[-1]] == [4, 4, 1]  # the last step: 9 examples, no wrap-around
+        assert all(len(step) == 8 and all(len(b) == 4 for b in step) for step in steps[:-1])
+        assert sorted(i for step in steps for b in step for i in b) == list(range(4681))  # one pass each
+    assert order[147] != order[0]  # each epoch its own shuffle
+    # A step's batches depend neither on the total nor on where training resumed.
+    assert example_order(4681, 150, 8, 4, seed=0) == order[:150]
+    ten_k = TrainConfig(batch_size=4, grad_accum=8, max_steps=312)
+    assert total_steps(ten_k, 10_000) == 312
+    order = example_order(10_000, 312, 8, 4, seed=0)
+    assert len(order) == 312 and all(len(step) == 8 and all(len(b) == 4 for b in step) for step in order)
+    assert len({i for step in order for b in step for i in b}) == 9_984  # the 16 left over are not trained on
 
 
 def tiny_config(defense: DefenseConfig) -> ExperimentConfig:
@@ -91,3 +115,15 @@ def test_pps_steers_training_and_the_training_condition_only(tmp_path, pps_vecto
     assert held["logprob"].to_list() == held_c["logprob"].to_list()  # held-out metric: default condition
     assert (tmp_path / "adapters" / "pps" / "step_2" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapters" / "pps" / "step_0" / "adapter_model.safetensors").is_file()
+
+
+def test_last_partial_batch_is_a_shorter_step(tmp_path, tiny):
+    """10 examples at 4 x 2 in 1 epoch: 2 steps, the second on the 2 left over (not wrapped)."""
+    cfg = tiny_config(DefenseConfig())
+    cfg = replace(cfg, data=replace(cfg.data, n_train=10),
+                  train=replace(cfg.train, grad_accum=2, max_steps=0, epochs=1))
+    summary = run_trial(cfg, tmp_path, "partial", "control")
+    assert summary["steps"] == 2
+    losses = pl.read_parquet(tmp_path / "trials" / "partial" / "losses.parquet")
+    assert losses["step"].to_list() == [1, 2]
+    assert 0 < losses["n_tokens"][1] < losses["n_tokens"][0]  # 2 examples vs 8
