@@ -273,6 +273,92 @@ def fixed_vs_mix_gap(scores: Frame, trials: Frame, condition: str = "default") -
     )
 
 
+# --- the run summary (printed table, summary.parquet, Tune metrics) -----------------
+
+SUMMARY_FLOATS = ("default_mean", "default_ci", "training_mean", "training_ci", "heldout_logprob", "heldout_ci",
+                  "elicitation", "elicitation_ci", "vs_control", "vs_control_ci", "vs_neutral", "vs_neutral_ci")
+
+
+def ci(values: Sequence[float] | pl.Series) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% CI, n) of plain values by `ci_agg`; NaN where `ci_agg` gives null."""
+    row = pl.DataFrame({"x": pl.Series(values, dtype=pl.Float64)}).select(ci_agg("x")).row(0)
+    return (math.nan if row[0] is None else row[0]), (math.nan if row[1] is None else row[1]), row[2]
+
+
+def _trait_order(scores: Frame | None, traits: Sequence[str]) -> list[str]:
+    present = [] if scores is None or "trait" not in _names(scores) else (
+        _lazy(scores).select(pl.col("trait").unique()).collect()["trait"].drop_nulls().to_list())
+    return list(dict.fromkeys(traits)) + sorted(set(present) - set(traits))
+
+
+def summary_table(trials: Frame, scores: Frame | None, heldout: Frame | None = None,
+                  traits: Sequence[str] = ()) -> pl.DataFrame:
+    """The end-of-run summary: one row per (trial, trait) at the trial's final step (trials.steps).
+
+    Columns: trial_id, label, trait, step; `<condition>_mean` / `_ci` / `_n` for default
+    and training (`trait_scores`); heldout_logprob / heldout_ci (`heldout_curve`, the same in
+    every trait row of a trial); elicitation / elicitation_ci (`elicitation`, step 0);
+    vs_control / vs_neutral and their `_ci` (`suppression` against trials.control_id /
+    neutral_id at the final step). Every trial gets a row per trait in `traits` (first, in
+    that order) and per trait in the scores (then, sorted); a missing value is NaN.
+    """
+    t = _lazy(trials).select("trial_id", "label", pl.col("steps").alias("step")).collect()
+    names = _trait_order(scores, traits)
+    grid = t.join(pl.DataFrame({"trait": pl.Series(names or [None], dtype=pl.String)}), how="cross")
+    grid = grid.select("trial_id", "label", "trait", "step")
+    key = ["trial_id", "trait"]
+    parts: list[pl.DataFrame] = []
+    if scores is not None and "trait" in _names(scores):
+        s = _lazy(scores).drop("experiment", strict=False)
+        tr = _lazy(trials).drop("experiment", strict=False)
+        ts = trait_scores(s).join(t.select("trial_id", "step"), on=["trial_id", "step"])
+        for cond in ("default", "training"):
+            c = ts.filter(pl.col("condition") == cond)
+            parts.append(c.select(*key, pl.col("mean").alias(f"{cond}_mean"), pl.col("ci").alias(f"{cond}_ci"),
+                                  pl.col("n").alias(f"{cond}_n")))
+        el = elicitation(s)
+        parts.append(el.select(*key, pl.col("mean").alias("elicitation"), pl.col("ci").alias("elicitation_ci")))
+        for against in ("control", "neutral"):
+            sup = suppression(s, tr, against).join(t.select("trial_id", "step"), on=["trial_id", "step"])
+            parts.append(sup.select(*key, pl.col("mean").alias(f"vs_{against}"), pl.col("ci").alias(f"vs_{against}_ci")))
+    out = grid
+    for p in parts:
+        out = out.join(p, on=key, how="left", maintain_order="left")
+    if heldout is not None and "logprob" in _names(heldout):
+        h = heldout_curve(_lazy(heldout).drop("experiment", strict=False)).select(
+            "trial_id", "step", pl.col("mean").alias("heldout_logprob"), pl.col("ci").alias("heldout_ci"))
+        out = out.join(h, on=["trial_id", "step"], how="left", maintain_order="left")
+    out = out.with_columns([pl.lit(None, pl.Float64).alias(c) for c in SUMMARY_FLOATS if c not in out.columns]
+                           + [pl.lit(0, pl.UInt32).alias(c) for c in ("default_n", "training_n") if c not in out.columns])
+    return out.select(
+        "trial_id", "label", "trait", "step",
+        *[pl.col(c).cast(pl.Float64).fill_null(math.nan) for c in SUMMARY_FLOATS[:2]], pl.col("default_n").fill_null(0),
+        *[pl.col(c).cast(pl.Float64).fill_null(math.nan) for c in SUMMARY_FLOATS[2:4]], pl.col("training_n").fill_null(0),
+        *[pl.col(c).cast(pl.Float64).fill_null(math.nan) for c in SUMMARY_FLOATS[4:]],
+    )
+
+
+def step_metrics(scores: Frame, heldout: Frame | None = None, trait: str = "",
+                 conditions: Sequence[str] = ("default", "training")) -> dict[str, float]:
+    """The metrics a trial reports to Ray Tune after evaluating one step (the `trait_scores` means).
+
+    `trait_<condition>/<trait>` for every trait and condition scored; `trait_<condition>` =
+    the primary trait's (`trait`, eval.trait) mean, the key single-trait runs have always
+    reported; `heldout_logprob` = the mean held-out logprob.
+    """
+    out: dict[str, float] = {}
+    if "trait" in _names(scores):
+        ts = trait_scores(_lazy(scores).drop("experiment", strict=False))
+        for r in ts.filter(pl.col("condition").is_in(list(conditions)) & pl.col("mean").is_not_null()).iter_rows(named=True):
+            out[f"trait_{r['condition']}/{r['trait']}"] = r["mean"]
+            if r["trait"] == trait:
+                out[f"trait_{r['condition']}"] = r["mean"]
+    if heldout is not None and "logprob" in _names(heldout):
+        for r in heldout_curve(heldout).filter(pl.col("mean").is_not_null()).iter_rows(named=True):
+            out["heldout_logprob"] = r["mean"]
+    return out
+
+
 # --- emergent misalignment ----------------------------------------------------------
 
 
