@@ -447,6 +447,11 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
                 d["eval"].pop(key)
     for key in EVAL_RUN_ONLY:  # how answers are computed or fetched, not what: ids unchanged
         d["eval"].pop(key)
+    # vector files: named by path and content, as adapter directories are (start_key)
+    for s in [*d["defense"]["pps"], *d["eval"].get("reinject", [])]:
+        s["vector"] = vector_key(s["vector"])
+    if "grad" in d["defense"]:
+        d["defense"]["grad"]["vector"] = vector_key(d["defense"]["grad"]["vector"])
     return d
 
 
@@ -457,13 +462,29 @@ def start_key(cfg: ExperimentConfig) -> str:
     return start if not start or start in cfg.starts else f"{start}@{adapter_digest(start)}"
 
 
+def vector_key(path: str) -> str:
+    """What names a steering or ablation vector file (defense.pps, defense.grad, eval.reinject)
+    in a trial's identity: its path with its content's digest, as start_key names an adapter
+    directory, so a vector re-extracted to the same path is a new trial."""
+    return f"{path}@{file_digest(path)}" if path else path
+
+
 def adapter_digest(path: str | Path) -> str:
-    """sha256 (12 hex) of a PEFT adapter directory's config and weights; "missing" if absent.
+    """sha256 (12 hex) of a PEFT adapter directory's config and weights; "missing" if absent."""
+    return files_digest([Path(path) / "adapter_config.json", *sorted(Path(path).glob("adapter_model.*"))])
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (12 hex) of one file's bytes; "missing" if absent."""
+    return files_digest([Path(path)])
+
+
+def files_digest(files: list[Path]) -> str:
+    """sha256 (12 hex) of the files' bytes, in order; "missing" if any is absent.
 
     Every trial of a grid asks for it: the digest is kept per (file, size, mtime), so each
-    adapter is read once per process unless it changes.
+    file is read once per process unless it changes.
     """
-    files = [Path(path) / "adapter_config.json", *sorted(Path(path).glob("adapter_model.*"))]
     if not all(f.is_file() for f in files):
         return "missing"
     return _digest(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
