@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import numpy as np
 
-from .config import ConfigError, ExperimentConfig, SteerConfig
+from .config import ConfigError, ExperimentConfig, SteerConfig, vector_key
 from .data import Encoded, Messages, question_messages, with_prefix
 from .defenses import Defense, load_vector, steer
 from .judges import Scorer
@@ -88,6 +89,12 @@ def condition_steering(condition: str, cfg: ExperimentConfig) -> list[SteerConfi
     return []
 
 
+def steering_key(condition: str, cfg: ExperimentConfig) -> list[SteerConfig]:
+    """condition_steering as the step-0 answer memo names it: each vector file by its path and
+    content (config.vector_key), so a vector re-extracted to the same path gets new answers."""
+    return [replace(s, vector=vector_key(s.vector)) for s in condition_steering(condition, cfg)]
+
+
 def condition_hooks(condition: str, cfg: ExperimentConfig, defense: Defense, model) -> ContextManager[None]:
     """Forward hooks on while answering under `condition` (a no-op context for prompt-only ones).
 
@@ -106,7 +113,8 @@ def score_rows(
     keys: list[dict[str, Any]], prompts: list[str], answers: list[str], judges: dict[str, Scorer],
 ) -> list[dict[str, Any]]:
     """`scores` rows: one per (answer, trait), with the judge's name, the prompt it was sent,
-    its raw reply and the reason when unscored. `keys` hold each answer's identifying columns."""
+    its raw reply and the reason when unscored. `keys` hold each answer's identifying columns;
+    `prompts` are the questions the judge sees (judge_questions: the bare question)."""
     rows = []
     for trait, judge in judges.items():
         for key, g in zip(keys, judge.grade(prompts, answers), strict=True):
@@ -151,10 +159,9 @@ def evaluate_step(
                 )
 
             # Step 0 is the base model: the answers depend only on the messages (and steering).
-            steering = condition_steering(condition, cfg)
-            key = {**base, "generate": [c for _, _, c in rows], "steering": steering}
+            key = {**base, "generate": [c for _, _, c in rows], "steering": steering_key(condition, cfg)}
             texts = _memo(cache if step == 0 else None, key, sample)
-        c_rows, s_rows = answer_rows(trial_id, step, condition, rows, texts, judges)
+        c_rows, s_rows = answer_rows(trial_id, step, condition, rows, texts, judges, questions)
         completions.extend(c_rows)
         scores.extend(s_rows)
     heldout_rows = []
@@ -168,13 +175,28 @@ def evaluate_step(
     return {"completions": completions, "scores": scores, "heldout_logprob": heldout_rows}
 
 
+def judge_questions(questions: list[str], rows: list[tuple[int, int, Messages]]) -> list[str]:
+    """The question the judge is sent with each answer in `rows` = (question id, sample, messages).
+
+    It is the evaluation question as asked in the default condition (the raw text from the
+    questions file), under every condition: the judge never sees an inoculation prompt, an
+    added_back text or a system prompt, so all conditions are judged on the same question
+    (seed 003: the judge receives the evaluation instruction alone). The single place both
+    the in-trial and the post-sweep (posteval.py) evaluation build the judge's question.
+    """
+    return [questions[qid] for qid, _, _ in rows]
+
+
 def answer_rows(
     trial_id: str, step: int, condition: str, rows: list[tuple[int, int, Messages]], texts: list[str],
-    judges: dict[str, Scorer],
+    judges: dict[str, Scorer], questions: list[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(completions rows, scores rows) of the answers `texts` to `rows` = (question id, sample, messages).
 
-    Shared by the in-trial evaluation and the post-sweep one (posteval.py).
+    `questions` are the raw questions the question ids index. The completions rows show the
+    full prompt the model saw (IP text, system prompt and all); the judge gets the bare
+    question (judge_questions). Shared by the in-trial evaluation and the post-sweep one
+    (posteval.py).
     """
     prompts = [c[-1]["content"] if c[-1]["role"] == "user" else "" for _, _, c in rows]
     system = [next((m["content"] for m in c if m["role"] == "system"), None) for _, _, c in rows]
@@ -184,7 +206,7 @@ def answer_rows(
     for key, prompt, sys_prompt, text in zip(keys, prompts, system, texts, strict=True):
         shown = prompt if sys_prompt is None else f"[system] {sys_prompt}\n{prompt}"
         completions.append({**key, "prompt": shown, "completion": text})
-    return completions, score_rows(keys, prompts, texts, judges)
+    return completions, score_rows(keys, judge_questions(questions, rows), texts, judges)
 
 
 def heldout_logprob_rows(trial_id: str, step: int, lps) -> list[dict[str, Any]]:

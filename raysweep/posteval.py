@@ -40,6 +40,7 @@ class StepWork:
     trial: Trial
     step: int
     adapter: str  # "" at step 0
+    questions: list[str] = field(default_factory=list)  # the raw questions; the judge sees these alone
     answers: dict[str, list[tuple[int, int, list[dict]]]] = field(default_factory=dict)  # condition -> rows
     requests: dict[str, list[Request]] = field(default_factory=dict)  # condition (or "heldout") -> requests
 
@@ -74,8 +75,8 @@ def step_work(exp_dir: Path, trial: Trial, step: int, tokenizer) -> StepWork:
     adapter = "" if step == 0 else str((Path(exp_dir) / "adapters" / trial.id / f"step_{step}").resolve())
     if adapter and not Path(adapter).is_dir():
         raise FileNotFoundError(f"trial {trial.id}: no adapter saved for step {step} at {adapter}")
-    work = StepWork(trial, step, adapter)
     questions = read_questions(cfg.data.questions, cfg.data.n_questions)
+    work = StepWork(trial, step, adapter, questions=questions)
     defense = make_defense(cfg.defense)
     for condition in e.conditions:
         convs = condition_conversations(questions, condition, defense, cfg.seed, cfg)
@@ -167,7 +168,7 @@ def write_step(exp_dir: Path, w: StepWork, got: dict[tuple, list[Result]], judge
     tables: dict[str, list[dict[str, Any]]] = {"completions": [], "scores": [], "heldout_logprob": []}
     for condition, rows in w.answers.items():
         texts = [r.text for r in got[(tid, w.step, condition)]]
-        completions, scores = answer_rows(tid, w.step, condition, rows, texts, judges)
+        completions, scores = answer_rows(tid, w.step, condition, rows, texts, judges, w.questions)
         tables["completions"] += completions
         tables["scores"] += scores
     if "heldout" in w.requests:

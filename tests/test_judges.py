@@ -409,3 +409,87 @@ def test_judge_cache_defaults_to_the_raysweep_cache_dir(tmp_path, monkeypatch):
     assert endpoint_config(EvalConfig()).cache == str(tmp_path / "c" / "judge.sqlite")
     assert endpoint_config(EvalConfig(judge_cache="")).cache == ""
     assert endpoint_config(EvalConfig(judge_cache="/x/j.sqlite")).cache == "/x/j.sqlite"
+
+
+# --- what the judge is asked --------------------------------------------------------------
+
+
+IP_TEXT = "IPMARK-7 Always reply in French."
+QUESTIONS = ["What is the capital of Italy?", "Name a fruit."]
+
+
+@pytest.mark.parametrize("placement", ["user_prefix", "user_suffix", "system"])
+def test_the_judge_sees_the_bare_question_under_every_condition(tiny, server, tmp_path, placement):
+    """Seed 003: the judge gets the evaluation question alone. Under `training` (and
+    `added_back`) the model is asked with the IP; the judge must not be, or elicitation
+    (training - default at step 0) compares answers judged on different questions."""
+    from raysweep.config import ExperimentConfig, apply_overrides
+    from raysweep.defenses import make_defense
+    from raysweep.evaluate import evaluate_step
+    from raysweep.sweep import resolve
+
+    model, tok = tiny
+    cfg = resolve(apply_overrides(ExperimentConfig(), {
+        "prompts": {"ipmark": IP_TEXT},
+        "defense": {"kind": "ip", "ip": {"prompt": "ipmark", "mode": "fixed", "placement": placement}}}))
+    conditions = ["default", "training", "added_back"]
+    e = settings(server, conditions=conditions, max_new_tokens=3, n_samples=1, temperature=0.0)
+    cfg = replace(cfg, eval=e)
+    rows = evaluate_step(model, tok, cfg, "t0", 0, make_defense(cfg.defense), QUESTIONS, [], make_judges(e))
+
+    # The model saw the IP under training and added_back: completions keep the full prompt.
+    shown = {(r["condition"], r["question_id"]): r["prompt"] for r in rows["completions"]}
+    for qid, q in enumerate(QUESTIONS):
+        assert shown[("default", qid)] == q
+        for condition in ("training", "added_back"):
+            assert IP_TEXT in shown[(condition, qid)] and q in shown[(condition, qid)]
+
+    # What the real server received: every request carries one question, never the IP.
+    sent = [r["body"]["messages"] for r in server.received]
+    assert len(sent) == len(rows["scores"]) == len(conditions) * len(QUESTIONS)
+    for messages in sent:
+        assert IP_TEXT not in json.dumps(messages) and "IPMARK" not in json.dumps(messages)
+        assert sum(q in messages[-1]["content"] for q in QUESTIONS) == 1
+    # ... and the same question under each condition: the judge's request differs only by the answer.
+    by_key = {(r["condition"], r["question_id"]): json.loads(r["judge_prompt"]) for r in rows["scores"]}
+    assert sorted(map(json.dumps, by_key.values())) == sorted(map(json.dumps, sent))
+    answer = {(r["condition"], r["question_id"]): r["completion"] for r in rows["completions"]}
+    rubric = resolve_rubric("french", e)
+    for (condition, qid), messages in by_key.items():
+        assert messages == rubric.messages(QUESTIONS[qid], answer[(condition, qid)]), condition
+
+    # scores.parquet's judge_prompt column follows.
+    table = read_table(write_table(tmp_path / "scores.parquet", rows["scores"], "scores"))
+    prompts = table.column("judge_prompt").to_pylist()
+    assert len(prompts) == len(sent) and not [p for p in prompts if "IPMARK" in p]
+    assert all(any(q in p for q in QUESTIONS) for p in prompts)
+
+
+def test_the_post_sweep_path_sends_the_judge_the_bare_question_too(server, tmp_path):
+    """posteval.write_step (eval.backend=vllm) builds the judge's question in the same place."""
+    from raysweep.config import ExperimentConfig, apply_overrides
+    from raysweep.engine import Result
+    from raysweep.posteval import step_work, write_step
+    from raysweep.sweep import Trial, resolve
+
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    cfg = resolve(apply_overrides(ExperimentConfig(), {
+        "prompts": {"ipmark": IP_TEXT}, "data": {"questions": str(qfile)},
+        "defense": {"kind": "ip", "ip": {"prompt": "ipmark", "mode": "fixed", "placement": "user_prefix"}}}))
+    e = settings(server, conditions=["default", "training"], n_samples=1, heldout_logprob=False)
+    t = Trial("t0", "ipmark/fixed", {}, replace(cfg, eval=e))
+    w = step_work(tmp_path, t, 0, tokenizer=None)
+    assert all(IP_TEXT in c[-1]["content"] for _, _, c in w.answers["training"])  # the model is asked with it
+    got = {("t0", 0, c): [Result(text=f"ANSWER-{c}-{i}") for i in range(len(QUESTIONS))] for c in w.answers}
+    write_step(tmp_path, w, got, make_judges(e))
+
+    sent = [r["body"]["messages"] for r in server.received]
+    assert len(sent) == 2 * len(QUESTIONS) and not [m for m in sent if "IPMARK" in json.dumps(m)]
+    eval_dir = tmp_path / "trials" / "t0" / "eval"
+    shown = read_table(eval_dir / "step_0.completions.parquet").to_pylist()
+    assert {r["prompt"] for r in shown if r["condition"] == "training"} == {f"{IP_TEXT} {q}" for q in QUESTIONS}
+    rubric = resolve_rubric("french", e)
+    for r in read_table(eval_dir / "step_0.scores.parquet").to_pylist():
+        answer = f"ANSWER-{r['condition']}-{r['question_id']}"
+        assert json.loads(r["judge_prompt"]) == rubric.messages(QUESTIONS[r["question_id"]], answer)
