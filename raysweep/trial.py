@@ -123,8 +123,10 @@ def run_trial(
     `info` (e.g. the Ray node that ran it) is recorded in the trial's done.json; `saved` is
     called after every saved state and after done.json (to mirror the files to shared storage).
     """
+    import polars as pl
     import torch
 
+    from .analysis import step_metrics
     from .data import encode, read_chat, read_questions, shuffled
     from .defenses import make_defense
     from .engine import resolve_backend
@@ -186,12 +188,11 @@ def run_trial(
                 rows = evaluate_step(model, tok, cfg, tid, step, defense, questions, heldout, judges, exp_dir / "cache")
             for name in EVAL_TABLES:  # scores last: its presence marks the step as evaluated
                 write_table(tdir / "eval" / f"step_{step}.{name}.parquet", rows[name], name)
-            for cond in cfg.eval.conditions:
-                vals = [r["score"] for r in rows["scores"] if r["condition"] == cond and r["score"] == r["score"]]
-                if vals:
-                    metrics[f"trait_{cond}"] = sum(vals) / len(vals)
-            if rows["heldout_logprob"]:
-                metrics["heldout_logprob"] = sum(r["logprob"] for r in rows["heldout_logprob"]) / len(rows["heldout_logprob"])
+            # Per-trait means by analysis (trait_<cond>/<trait>; trait_<cond> = eval.trait's), as the summary has them.
+            ev = tdir / "eval"
+            metrics.update(step_metrics(pl.read_parquet(ev / f"step_{step}.scores.parquet"),
+                                        pl.read_parquet(ev / f"step_{step}.heldout_logprob.parquet"),
+                                        cfg.eval.trait, cfg.eval.conditions))
         write_table(tdir / "losses.parquet", losses, "losses")
         _save_resume(tdir, model, opt, sched, step, losses)
         saved()
@@ -200,7 +201,7 @@ def run_trial(
     if start == 0:
         report({"step": 0, **checkpoint(0)})
     for step in range(start + 1, total + 1):
-        idx = batches[(step - 1) * t.grad_accum : step * t.grad_accum]
+        idx = batches[step - 1]  # this step's micro-batches (an epoch's last step may be shorter)
         micro = [collate([encoded[i] for i in b]) for b in idx]
         model.train()
         torch.manual_seed(cfg.seed * 100003 + step)  # dropout masks reproduce after a resume
