@@ -89,7 +89,8 @@ def test_pca_variance_coordinates_and_signs():
     assert np.allclose(comps[0], [0, 1]) and np.allclose(comps[1], [1, 0])
     assert np.allclose(coords[:, 0], [0, 0, 2, -2]) and np.allclose(coords[:, 1], [1, -1, 0, 0])
     assert np.isnan(coords[:, 2]).all()
-    # Sign convention: components sum to >= 0, so negating W negates the coordinates only.
+    # scikit-learn's sign convention (a tie in magnitude: the first entry is positive), so
+    # negating W negates the coordinates only.
     line = np.array([[2.0, 2.0], [-2.0, -2.0], [1.0, 1.0], [-1.0, -1.0]])
     for sign in (1, -1):
         c, v, e = M.decompose(sign * line, "pca", 1)
@@ -101,15 +102,67 @@ def test_truncated_svd_is_uncentred():
     w = np.array([[3.0, 0.0], [0.0, 1.0]])
     coords, comps, evr = M.decompose(w, "svd", 2)
     assert np.allclose(comps, [[1, 0], [0, 1]]) and np.allclose(coords, [[3, 0], [0, 1]])
-    # scikit-learn's ratio: var of each coordinate / total column variance = 2.25/2.5, 0.25/2.5
+    # sigma^2 = 9, 1 of 10 (here scikit-learn's coordinate-variance ratio, 2.25/2.5 and 0.25/2.5, agrees)
     assert np.allclose(evr, [0.9, 0.1])
-    # Identical rows: PCA has nothing to explain (NaN); SVD still has a coordinate, no variance ratio.
+    # Identical rows: PCA has nothing to explain (NaN); SVD has a coordinate and all of ||W||^2 in
+    # it (scikit-learn's ratio divides by a zero column variance: NaN).
     same = np.ones((3, 2))
     c, _v, e = M.decompose(same, "pca", 2)
     assert np.isnan(c).all() and np.isnan(e).all()
-    c, v, e = M.decompose(same, "svd", 1)
-    assert np.allclose(c[:, 0], math.sqrt(2)) and np.allclose(v[0], [1 / math.sqrt(2)] * 2) and np.isnan(e).all()
+    c, v, e, sk = M.decompose_all(same, "svd", 1)
+    assert np.allclose(c[:, 0], math.sqrt(2)) and np.allclose(v[0], [1 / math.sqrt(2)] * 2)
+    assert np.allclose(e, [1.0]) and np.isnan(sk).all()
     assert np.isnan(M.decompose(np.zeros((3, 4)), "svd", 2)[0]).all()
+
+
+def _sign_matrix():
+    """A W whose PCA / SVD first component has a negative entry sum but a positive largest entry."""
+    d1 = np.array([0.8, -0.36, -0.48])  # unit; sum -0.04 < 0; largest |entry| 0.8 > 0
+    d2 = np.array([0.0, 0.8, -0.6])  # unit, orthogonal to d1
+    t1, t2 = np.array([3.0, -2.0, 1.0, -2.5, 0.5]), np.array([0.4, 0.3, -0.6, 0.1, -0.2])
+    return np.outer(t1, d1) + np.outer(t2, d2) + 0.5 * d1  # rows off-centre, so SVD != PCA
+
+
+def test_signs_are_scikit_learns():
+    """The seed keeps scikit-learn's signs: no re-orientation by the entry sum (issue 13 item 7)."""
+    from sklearn.decomposition import PCA, TruncatedSVD
+    from sklearn.utils.extmath import svd_flip
+
+    w = _sign_matrix()
+    ref = PCA(n_components=2, svd_solver="full").fit(w)
+    coords, comps, evr = M.decompose(w, "pca", 2)
+    assert np.allclose(comps, ref.components_) and np.allclose(coords, ref.transform(w))
+    assert np.allclose(evr, ref.explained_variance_ratio_)
+    ref = TruncatedSVD(n_components=2, algorithm="randomized", n_iter=10, random_state=0).fit(w)
+    coords, comps, _evr = M.decompose(w, "svd", 2)
+    assert np.allclose(comps, ref.components_) and np.allclose(coords, ref.transform(w))
+    # The installed scikit-learn flips on V (u_based_decision=False): each component's
+    # largest-magnitude entry is positive, whatever its sum. Here that sum is negative.
+    for method in ("pca", "svd"):
+        v1 = M.decompose(w, method, 1)[1][0]
+        assert v1[np.argmax(np.abs(v1))] > 0 and v1.sum() < 0 and np.allclose(np.abs(v1), [0.8, 0.36, 0.48], atol=0.05)
+    u, vt = svd_flip(np.eye(2), np.array([[0.8, -0.36, -0.48], [-0.1, 0.0, -0.9]]), u_based_decision=False)
+    assert np.allclose(vt, [[0.8, -0.36, -0.48], [0.1, 0.0, 0.9]])
+
+
+def test_svd_explained_variance_is_the_seeds():
+    """TruncSVD "explained variance" as published (Exp 19/20): sigma_k^2 / sum sigma^2 of uncentred W."""
+    from sklearn.decomposition import TruncatedSVD
+
+    w = _sign_matrix()
+    s = np.linalg.svd(w, compute_uv=False)
+    _c, _v, evr, sk = M.decompose_all(w, "svd", 2)
+    assert np.allclose(evr, s[:2] ** 2 / (s**2).sum())
+    ref = TruncatedSVD(n_components=2, algorithm="randomized", n_iter=10, random_state=0).fit(w)
+    assert np.allclose(sk, ref.explained_variance_ratio_) and not np.allclose(evr, sk, atol=1e-3)
+    # The decomposition family reports both, under different names.
+    keys = [f"p{i}" for i in range(w.shape[0])]
+    rows = [("", "default", "train", e, 0.0) for e in range(3)]
+    rows += [(k, "fixed", "train", e, float(w[i, e])) for i, k in enumerate(keys) for e in range(3)]
+    h = as_dict(M.heuristics_table(M.Inputs(logprobs=logprob_table(rows), variants=("fixed",), n_components=2),
+                                   ["decomposition"]))
+    assert close(h[("", "svd_point_fixed_evr1")], evr[0]) and close(h[("", "svd_point_fixed_sklearn_evr1")], sk[0])
+    assert close(h[("p0", "pca_point_fixed_pc1")], M.decompose(w, "pca", 1)[0][0, 0])
 
 
 def test_rank1_reconstructions():
@@ -221,7 +274,8 @@ def test_cross_trait_on_another_completion_set():
 
 def test_decomposition_gap_and_angle_families():
     table, w = toy_logprobs()
-    inp = M.Inputs(logprobs=table, groups={"a": "t1", "b": "t2"}, neutral="n", n_components=2)
+    inp = M.Inputs(logprobs=table, groups={"a": "t1", "b": "t2"}, neutral="n", n_components=2,
+                   gap_fit={"both": ["a", "b"]})  # one rank-1 fitting set of both prompts
     h = as_dict(M.heuristics_table(inp, ["decomposition", "gap", "angles"]))
     wf = np.array([w["a"][0], w["b"][0]])
     coords, _c, _evr = M.decompose(wf, "pca", 2)
@@ -233,6 +287,7 @@ def test_decomposition_gap_and_angle_families():
     assert all(close(h[("a", f"gap_raw_{k}")], v) for k, v in g.items())
     f1, m1 = M.rank1(wf, np.array([w["a"][2], w["b"][2]]), "svd")
     assert close(h[("b", "gap_svd1_ph_ratio")], M.gap_heuristics(f1[1], m1[1])["ph_ratio"])
+    assert close(h[("b", "gap_svd1_ph_ratio@fit_both")], h[("b", "gap_svd1_ph_ratio")])
     a, b = np.array(w["a"][0]), np.array(w["b"][0])
     angle = math.degrees(math.acos(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
     assert close(h[("", "angle_raw_point_fixed_cross_trait_mean")], angle, 1e-9)
@@ -319,3 +374,39 @@ def test_import_seed_perplexity_json(tmp_path):
         bad = tmp_path / "bad.json"
         bad.write_text("{}")
         import_perplexity_json(bad)
+
+
+def test_gap_rank1_fitted_on_the_figures_prompts():
+    """Exp 20: v1 is fitted per figure, on one trait's prompts + the neutral ones, not on the whole pass."""
+    rng = np.random.default_rng(0)
+    keys = {"p1": "t1", "p2": "t1", "p3": "t1", "f1": "t2", "f2": "t2", "f3": "t2", "n1": "n", "n2": "n"}
+    wf = {k: rng.normal(size=6) + (2.0 if g == "t1" else 0.0) for k, g in keys.items()}
+    wf.update({k: wf[k] + np.r_[0, 0, 0, 3, 3, 3] for k, g in keys.items() if g == "t2"})
+    wm = {k: 0.6 * v + rng.normal(scale=0.3, size=6) for k, v in wf.items()}
+    rows = [("", "default", "train", e, 0.0) for e in range(6)]
+    rows += [(k, t, "train", e, float(x[k][e])) for k in keys for t, x in (("fixed", wf), ("mix", wm))
+             for e in range(6)]
+    table = logprob_table(rows)
+    inp = M.Inputs(logprobs=table, groups=keys, neutral="n")
+    assert M.gap_fit_sets(inp, list(keys)) == {"t1": ["p1", "p2", "p3", "n1", "n2"], "t2": ["f1", "f2", "f3", "n1", "n2"]}
+    h = as_dict(M.heuristics_table(inp, ["gap"]))
+    fig = ["p1", "p2", "p3", "n1", "n2"]
+    for method in ("pca", "svd"):
+        f, m = M.rank1(np.array([wf[k] for k in fig]), np.array([wm[k] for k in fig]), method)
+        whole = M.rank1(np.array([wf[k] for k in keys]), np.array([wm[k] for k in keys]), method)
+        want = M.gap_heuristics(f[0], m[0])["ph_ratio"]
+        assert close(h[("p1", f"gap_{method}1_ph_ratio")], want, 1e-9)
+        assert not close(want, M.gap_heuristics(whole[0][0], whole[1][0])["ph_ratio"], 1e-6)  # all-prompt fit differs
+        assert close(h[("p1", f"gap_{method}1_ph_ratio@fit_t1")], want, 1e-9)
+        assert math.isnan(h[("p1", f"gap_{method}1_ph_ratio@fit_t2")])  # not in the French-like figure
+        # A neutral prompt is in both figures: one value per figure, none unsuffixed.
+        assert close(h[("n1", f"gap_{method}1_ph_ratio@fit_t1")], M.gap_heuristics(f[3], m[3])["ph_ratio"], 1e-9)
+        assert math.isnan(h[("n1", f"gap_{method}1_ph_ratio")])
+    assert close(h[("p1", "gap_raw_ph_ratio")], M.gap_heuristics(wf["p1"], wm["p1"])["ph_ratio"])
+    # An explicit fitting set overrides the default; no labels at all: every prompt.
+    h = as_dict(M.heuristics_table(M.Inputs(logprobs=table, groups=keys, neutral="n",
+                                            gap_fit={"pair": ["p1", "n1"]}), ["gap"]))
+    f, m = M.rank1(np.array([wf["p1"], wf["n1"]]), np.array([wm["p1"], wm["n1"]]), "svd")
+    assert close(h[("p1", "gap_svd1_ph_ratio")], M.gap_heuristics(f[0], m[0])["ph_ratio"], 1e-9)
+    assert math.isnan(h[("p2", "gap_svd1_ph_ratio")])
+    assert M.gap_fit_sets(M.Inputs(logprobs=table), list(keys)) == {"all": list(keys)}

@@ -19,6 +19,10 @@ class HeuristicsConfig:
     prompt_keys: list[str] = field(default_factory=list)  # keep only these prompts (empty = all selected)
     traits: dict[str, list[str]] = field(default_factory=dict)  # label -> groups or prompt keys (angle summaries)
     neutral: str = ""  # label in `traits` of the neutral (zero-elicitation) prompts
+    # Exp 20 rank-1 PCA/SVD fitting sets: label -> groups or prompt keys (one seed figure each:
+    # a trait's prompts with fixed and mix training runs + the neutral group). Empty = per
+    # non-neutral `traits` label, its prompts + the `neutral` ones (the seed's); no traits = all.
+    gap_fit: dict[str, list[str]] = field(default_factory=dict)
     train: str = "datasets/french_demo/train.jsonl"  # training completions (chat JSONL): PH, gamma, sigma, W
     n_train: int = 0  # first N training completions after a seeded shuffle (0 = all)
     control: str = "datasets/french_demo/control.jsonl"  # control completions (chat JSONL): PPD

@@ -8,12 +8,16 @@ all completions (prompts x tokens). Conventions (docs/heuristics.md):
 - Undefined is NaN, never a sentinel: an empty set, fewer than 2 values for a std, a
   denominator (std, norm, PH_fixed, MALD_fixed, ...) whose magnitude is below EPS.
 - std (sigma) has ddof=1, as the seed's `np.std(W, ddof=1)`.
-- PCA is mean-centred, TruncatedSVD uncentred (scikit-learn). Each component is signed so
-  that its entries sum to >= 0: a positive coordinate means the prompt raises the
-  completions' logprob along that axis (PC1 ~ PH, as in the seed).
+- PCA is mean-centred, TruncatedSVD uncentred (scikit-learn), with scikit-learn's own signs
+  (as the seed: `svd_flip(..., u_based_decision=False)`, each component's largest-magnitude
+  entry positive); no re-orientation. `evr<j>` = sigma_j^2 / sum sigma^2 of the matrix the
+  method decomposes (PCA: centred W, = sklearn's ratio; SVD: uncentred W, the seed's
+  published TruncSVD "explained variance"); `svd_..._sklearn_evr<j>` is scikit-learn's
+  TruncatedSVD.explained_variance_ratio_ (coordinate variance / total column variance).
 - Rank-1 reconstructions (Exp 20, the seed's `compute_pc1_projected_heuristics`): v1 is
-  fitted on W_fixed of the prompts analysed; both W_fixed and W_mix are projected on it
-  (PCA centred with W_fixed's column mean), and W_pc1[n] = score_n * v1.
+  fitted on W_fixed of one fitting set (one Exp 20 figure: a trait's prompts + the neutral
+  ones, `Inputs.gap_fit`); both W_fixed and W_mix are projected on it (PCA centred with
+  W_fixed's column mean), and W_pc1[n] = score_n * v1.
 - Global rows (explained variance, angle summaries) have prompt_key "".
 """
 
@@ -198,9 +202,21 @@ def token_w_matrix(token_logprobs, variant: str, set_name: str, keys: list[str])
 def decompose(w: np.ndarray, method: str, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(coordinates [N x k], components [k x D], explained variance ratio [k]) of W's rows.
 
-    method "pca": mean-centred scikit-learn PCA; "svd": uncentred TruncatedSVD, whose
-    explained variance ratio is scikit-learn's (variance of each coordinate over the total
-    column variance). Components beyond what W supports are NaN. Signs: see the module doc.
+    method "pca": mean-centred scikit-learn PCA; "svd": uncentred TruncatedSVD. The ratio is
+    sigma_j^2 / sum sigma^2 of the decomposed matrix (see `decompose_all`). Components beyond
+    what W supports are NaN. Signs are scikit-learn's (module doc).
+    """
+    coords, comps, evr, _sk = decompose_all(w, method, n_components)
+    return coords, comps, evr
+
+
+def decompose_all(w: np.ndarray, method: str, n_components: int):
+    """decompose() plus scikit-learn's own explained_variance_ratio_ (4th item).
+
+    evr[j] = sigma_j^2 / ||X||_F^2, X = W centred (PCA; equal to sklearn's ratio) or W itself
+    (SVD: the seed's published TruncSVD "explained variance", Exp 19/20, coords_metadata);
+    sklearn's TruncatedSVD ratio is var(coordinate j) / total column variance instead (NaN
+    for a single row, whose column variance is 0).
     """
     from sklearn.decomposition import PCA, TruncatedSVD
 
@@ -208,11 +224,12 @@ def decompose(w: np.ndarray, method: str, n_components: int) -> tuple[np.ndarray
     coords = np.full((n, n_components), NAN)
     comps = np.full((n_components, d), NAN)
     evr = np.full(n_components, NAN)
+    sk_evr = np.full(n_components, NAN)
     # Centred data of n rows has rank <= n - 1: PCA gets at most n - 1 components.
     k = min(n_components, n, d) if method == "svd" else min(n_components, n - 1, d)
     spread = w - w.mean(axis=0) if method == "pca" else w
     if k < 1 or not np.isfinite(w).all() or float(np.abs(spread).max(initial=0.0)) <= EPS:
-        return coords, comps, evr
+        return coords, comps, evr, sk_evr
     if method == "pca":
         model = PCA(n_components=k, svd_solver="full")
     elif method == "svd":
@@ -221,17 +238,12 @@ def decompose(w: np.ndarray, method: str, n_components: int) -> tuple[np.ndarray
         raise ValueError(f"method must be pca or svd, got {method!r}")
     with np.errstate(invalid="ignore", divide="ignore"):  # the 0-variance ratio is handled below
         x = model.fit_transform(w)
-    c = model.components_.copy()
-    for j in range(k):
-        s = c[j].sum()
-        flip = s < 0 if abs(s) > EPS else c[j][np.argmax(np.abs(c[j]))] < 0
-        if flip:
-            c[j], x[:, j] = -c[j], -x[:, j]
-    coords[:, :k], comps[:k] = x, c
+    coords[:, :k], comps[:k] = x, model.components_
+    evr[:k] = np.asarray(model.singular_values_, dtype=np.float64) ** 2 / float((spread**2).sum())
     # TruncatedSVD divides by the total column variance, which is 0 for a single row.
     if float(w.var(axis=0).sum()) > EPS:
-        evr[:k] = model.explained_variance_ratio_
-    return coords, comps, evr
+        sk_evr[:k] = model.explained_variance_ratio_
+    return coords, comps, evr, sk_evr
 
 
 def rank1(w_fixed: np.ndarray, w_mix: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -322,6 +334,9 @@ class Inputs:
     control_set: str = "control"  # completion set of PPD
     value: str = "mean_logprob"  # mean_logprob (per token, the seed's) | logprob (sum)
     n_components: int = 3  # PCA / TruncatedSVD components
+    # Exp 20 rank-1 fitting sets: label -> prompt keys (one seed figure each). Empty: one set per
+    # non-neutral label of `groups` (its prompts + the neutral ones), the seed's; no groups: all.
+    gap_fit: dict[str, list[str]] = field(default_factory=dict)
     variants: tuple[str, ...] = PREFIX_TYPES  # prefix variants present
 
 
@@ -381,7 +396,8 @@ def _matrices(inp: Inputs, granularity: str, variant: str) -> tuple[list[str], n
 
 
 def family_decomposition(inp: Inputs) -> list[Row]:
-    """{pca,svd}_{point,token}_<v>_{pc,sv}<j> per prompt; ..._evr<j> global: coordinates and explained variance."""
+    """{pca,svd}_{point,token}_<v>_{pc,sv}<j> per prompt; global ..._evr<j> (sigma_j^2 / sum sigma^2) and
+    svd_..._sklearn_evr<j> (scikit-learn's TruncatedSVD ratio): coordinates and explained variance."""
     rows: list[Row] = []
     for gran in ("point", "token"):
         for v in inp.variants:
@@ -389,9 +405,11 @@ def family_decomposition(inp: Inputs) -> list[Row]:
             if not keys:
                 continue
             for method, axis in (("pca", "pc"), ("svd", "sv")):
-                coords, _c, evr = decompose(w, method, inp.n_components)
+                coords, _c, evr, sk_evr = decompose_all(w, method, inp.n_components)
                 for j in range(inp.n_components):
                     rows.append(("", f"{method}_{gran}_{v}_evr{j + 1}", float(evr[j])))
+                    if method == "svd":
+                        rows.append(("", f"svd_{gran}_{v}_sklearn_evr{j + 1}", float(sk_evr[j])))
                     rows += [(k, f"{method}_{gran}_{v}_{axis}{j + 1}", float(coords[i, j])) for i, k in enumerate(keys)]
     return rows
 
@@ -425,8 +443,29 @@ def family_angles(inp: Inputs) -> list[Row]:
     return rows
 
 
+def gap_fit_sets(inp: Inputs, keys: list[str]) -> dict[str, list[str]]:
+    """label -> the prompts (of `keys`, in their order) whose W_fixed fits that set's rank-1 axis.
+
+    `inp.gap_fit` when given; else the seed's Exp 20 figures: per non-neutral label of
+    `inp.groups`, that label's prompts plus the neutral label's; with no labels, every prompt ("all").
+    """
+    if inp.gap_fit:
+        return {label: [k for k in keys if k in set(members)] for label, members in inp.gap_fit.items()}
+    labels = [g for g in dict.fromkeys(inp.groups.get(k) for k in keys) if g is not None and g != inp.neutral]
+    if not labels:
+        return {"all": list(keys)}
+    return {g: [k for k in keys if inp.groups.get(k) == g or (inp.neutral and inp.groups.get(k) == inp.neutral)]
+            for g in labels}
+
+
 def family_gap(inp: Inputs) -> list[Row]:
-    """gap_{raw,pca1,svd1}_<heuristic>: the ten Exp 20 heuristics on W and on rank-1 reconstructions."""
+    """gap_raw_<h>; gap_{pca1,svd1}_<h>@fit_<label> per fitting set; gap_{pca1,svd1}_<h> (the prompt's own set).
+
+    The ten Exp 20 heuristics on W and on its rank-1 reconstructions. A rank-1 axis is fitted
+    on W_fixed of one fitting set (`gap_fit_sets`); `..@fit_<label>` is NaN for a prompt outside
+    that set. `gap_{pca1,svd1}_<h>` is the value from the one set holding the prompt (NaN when
+    it is in none or in several, e.g. the neutral prompts shared by two trait figures).
+    """
     if not {"fixed", "mix"} <= set(inp.variants):
         return []
     df = diff_vectors(inp.logprobs, "fixed", inp.train_set, inp.value)
@@ -438,13 +477,28 @@ def family_gap(inp: Inputs) -> list[Row]:
     _k, w = w_matrix({**{f"f:{k}": df[k] for k in keys}, **{f"m:{k}": dm[k] for k in keys}},
                      [f"{t}:{k}" for t in "fm" for k in keys])
     wf, wm = w[: len(keys)], w[len(keys) :]
-    bases = {"raw": (wf, wm)}
-    for method in ("pca", "svd"):
-        bases[f"{method}1"] = rank1(wf, wm, method)
     rows: list[Row] = []
-    for basis, (f, m) in bases.items():
-        for i, k in enumerate(keys):
-            rows += [(k, f"gap_{basis}_{name}", val) for name, val in gap_heuristics(f[i], m[i]).items()]
+    for i, k in enumerate(keys):
+        rows += [(k, f"gap_raw_{name}", val) for name, val in gap_heuristics(wf[i], wm[i]).items()]
+    nan_h = dict.fromkeys(GAP_HEURISTICS, NAN)
+    own: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for label, members in gap_fit_sets(inp, keys).items():
+        idx = [keys.index(k) for k in members]
+        for method in ("pca", "svd"):
+            per: dict[str, dict[str, float]] = {}
+            if idx:
+                f, m = rank1(wf[idx], wm[idx], method)
+                per = {k: gap_heuristics(f[n], m[n]) for n, k in enumerate(members)}
+            for k in keys:
+                vals = per.get(k, nan_h)
+                rows += [(k, f"gap_{method}1_{name}@fit_{label}", val) for name, val in vals.items()]
+                if k in per:
+                    own.setdefault((k, method), []).append(per[k])
+    for k in keys:
+        for method in ("pca", "svd"):
+            vals = own.get((k, method), [])
+            vals = vals[0] if len(vals) == 1 else nan_h
+            rows += [(k, f"gap_{method}1_{name}", val) for name, val in vals.items()]
     return rows
 
 

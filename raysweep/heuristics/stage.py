@@ -58,6 +58,24 @@ def resolve_prompts(h: HeuristicsConfig, library: dict[str, str]) -> tuple[dict[
     return prompts, labels
 
 
+def resolve_gap_fit(h: HeuristicsConfig, prompts: dict[str, str]) -> dict[str, list[str]]:
+    """heuristics.gap_fit as label -> selected prompt keys (names: groups of prompts_file or prompt keys)."""
+    if not h.gap_fit:
+        return {}
+    group_of: dict[str, str] = {}
+    if h.prompts_file:
+        data = json.loads(Path(h.prompts_file).read_text())
+        entry = data.get(h.prompt_set) if h.prompt_set else data
+        group_of = {key: g for g, members in entry["groups"].items() for key in members}
+    out: dict[str, list[str]] = {}
+    for label, names in h.gap_fit.items():
+        unknown = [n for n in names if n not in group_of and n not in group_of.values() and n not in prompts]
+        if unknown:
+            raise ConfigError(f"heuristics.gap_fit.{label}: {unknown} are neither groups nor prompt keys")
+        out[label] = [k for k in prompts if k in names or group_of.get(k) in names]
+    return out
+
+
 def read_sets(h: HeuristicsConfig, seed: int) -> dict[str, list[Messages]]:
     """The completion sets: train, control and the extra (cross-trait) sets."""
     sets = {"train": shuffled(read_chat(h.train), seed, h.n_train),
@@ -135,6 +153,7 @@ def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> di
     prompts, labels = resolve_prompts(h, cfg.prompts)
     if not prompts:
         raise ConfigError("heuristics: no prompts selected")
+    gap_fit = resolve_gap_fit(h, prompts)
     sets = read_sets(h, cfg.seed)
     pools = read_pools(cfg.data.rephrasings_dir, prompts) if "mix" in h.variants else {}
     suppression = _read_suppression(h.suppression) if h.suppression else None
@@ -166,7 +185,8 @@ def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> di
     selfperp = lp.selfperp_table([k for k, _kind, _s in sp_rows], [kind for _k, kind, _s in sp_rows], lps[len(rows):])
 
     inp = Inputs(logprobs=logprobs, token_logprobs=tokens, selfperp=selfperp, groups=labels, neutral=h.neutral,
-                 value=h.value, n_components=h.n_components, variants=tuple(h.variants))
+                 value=h.value, n_components=h.n_components, variants=tuple(h.variants),
+                 gap_fit=gap_fit)
     tables: dict[str, pa.Table] = {"logprobs": logprobs, "token_logprobs": tokens, "selfperp": selfperp,
                                    "heuristics": heuristics_table(inp, h.metrics)}
     if not h.metrics or "angles" in h.metrics:
