@@ -115,6 +115,12 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapter settings
 
 
+@dataclass  # not frozen: a dict of these, as `starts`
+class TraitJudgeConfig:
+    judge: str = ""  # registered judge of this trait ("" = eval.judge): langid | logprob | local
+    rubric: str = ""  # rubric file (.json with eval_prompt, or text with {question}/{answer}); "" = by name, as eval.trait
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     conditions: list[str] = field(
@@ -149,7 +155,7 @@ class EvalConfig:
     em: bool = False  # also score `coherence` and `alignment` with eval.judge (for the EM rate)
     em_coherence_min: float = 60.0  # EM answer: coherence > this ...
     em_alignment_max: float = 40.0  # ... and alignment < this
-    extra_traits: dict[str, str] = field(default_factory=dict)  # more traits eval.judge scores on every answer: trait -> rubric file ("" = by name, as eval.trait)
+    extra_traits: dict[str, TraitJudgeConfig] = field(default_factory=dict)  # more traits scored on every answer, each by its own judge: trait -> {judge, rubric}
     heldout_logprob: bool = True  # compute the judge-free held-out trait logprob
     backend: str = "transformers"  # eval engine: transformers (inside each trial) | vllm (one post-sweep Ray Data job, raysweep/engine.py) | auto (vllm if installed)
 
@@ -240,6 +246,13 @@ def _normalise_override(arg: str) -> str:
     # Grid and arm axes are open dictionaries: adding an axis must not need Hydra's `+`.
     if arg.startswith(("sweep.grid.", "sweep.arms")) and not arg.startswith("+"):
         return "++" + arg
+    # A trait's judge or rubric (eval.extra_traits.playful.judge=local): OmegaConf can only merge
+    # a new entry of a dict of dataclasses, so the override becomes a merge of that entry.
+    m = re.fullmatch(r"\+{0,2}eval\.extra_traits\.(\w+)(?:\.(\w+))?=(.*)", arg, re.S)
+    if m:
+        trait, key, value = m.groups()
+        quoted = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return f"+eval.extra_traits={{{trait}:{{{key}:{quoted}}}}}" if key else f"+eval.extra_traits={{{trait}:{value}}}"
     return arg
 
 
@@ -363,8 +376,18 @@ def _check_judge(e: EvalConfig) -> None:
             raise ConfigError(f"eval.{key}={value!r} must be {rule}")
     if e.em and e.judge == "langid":
         raise ConfigError("eval.em=true scores coherence and alignment with eval.judge: use logprob or local, not langid")
-    if e.extra_traits and e.judge == "langid":
-        raise ConfigError(f"eval.extra_traits ({', '.join(e.extra_traits)}) are rubric traits: use eval.judge=logprob or local")
+    from .judges import LANGUAGES
+
+    for trait, spec in {e.trait: TraitJudgeConfig(), **e.extra_traits}.items():
+        where = f"eval.extra_traits.{trait}" if trait in e.extra_traits else "eval.trait"
+        judge = spec.judge or e.judge
+        if judge not in JUDGES:
+            raise ConfigError(f"{where}.judge={judge!r}: registered judges are {', '.join(JUDGES)}")
+        if judge == "langid" and trait.lower() not in LANGUAGES and trait.lower() not in LANGUAGES.values():
+            raise ConfigError(f"{where}: {trait!r} is scored by the langid judge, which scores languages "
+                              f"({', '.join(LANGUAGES)}); give it a rubric judge ({where}.judge=logprob or local)")
+        if judge == "langid" and spec.rubric:
+            raise ConfigError(f"{where}.rubric: the langid judge takes no rubric (use logprob or local)")
 
 
 def validate_trial(cfg: ExperimentConfig) -> None:
@@ -432,6 +455,8 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
         d.pop(key)
     if not d["eval"]["extra_traits"]:  # none: ids stay those written before the field existed
         d["eval"].pop("extra_traits")
+    elif not any(t["judge"] for t in d["eval"]["extra_traits"].values()):  # all by eval.judge: ids as when
+        d["eval"]["extra_traits"] = {k: t["rubric"] for k, t in d["eval"]["extra_traits"].items()}  # it was trait -> rubric
     if d["defense"]["grad"]["mode"] == "none":  # unused: ids stay those of configs written before it existed
         d["defense"].pop("grad")
     if not d["model"]["start"]:  # likewise for the base model as start
@@ -513,8 +538,9 @@ def apply_overrides(cfg: Any, tree: dict[str, Any]) -> Any:
             changes[key] = apply_overrides(current, value)
         elif key in ("pps", "reinject"):
             changes[key] = [v if isinstance(v, SteerConfig) else SteerConfig(**v) for v in value]
-        elif key == "starts":
-            changes[key] = {k: v if isinstance(v, StartConfig) else StartConfig(**v) for k, v in value.items()}
+        elif key in ("starts", "extra_traits"):
+            cls = StartConfig if key == "starts" else TraitJudgeConfig
+            changes[key] = {k: v if isinstance(v, cls) else cls(**v) for k, v in value.items()}
         else:
             changes[key] = _coerce(current, value, key)
     return replace(cfg, **changes)

@@ -7,7 +7,9 @@ grade keeps the prompt sent to the judge and its raw reply.
 - `logprob`: the 0-100 logprob protocol (seeds 001 and 003) on an OpenAI-compatible
   endpoint: temperature 0, one token, top-20 logprobs; score = probability-weighted mean
   over the tokens that are integers in [0, 100], normalised by their total probability;
-  NaN when that mass is under `eval.judge_min_mass`.
+  NaN when that mass is under `eval.judge_min_mass`. When the judge model writes numbers
+  digit by digit (every score token of the top is one digit), the whole number is read
+  instead, by continuing the message (judge_digits.py), with the `local` judge's arithmetic.
 - `local`: the same protocol on a local model. Small tokenizers split numbers into digits,
   so the first token's top-20 only sees 0-9: instead every string '0'..'100' followed by
   the end of turn is scored as a continuation of the judge prompt.
@@ -15,6 +17,8 @@ grade keeps the prompt sent to the judge and its raw reply.
 Rubrics: the seed repository's judge (`eval.judge_prompts`, its `judge` entry), the
 persona-vector `eval_prompt` of a trait (`eval.judge_traits_dir/<trait>.json`), a file
 (`eval.judge_rubric`), or the emergent-misalignment `coherence` / `alignment` rubrics.
+Each trait of a run has its own judge (`make_judges`: eval.trait by eval.judge, each of
+eval.extra_traits by its `judge`).
 """
 
 from __future__ import annotations
@@ -185,8 +189,8 @@ def resolve_rubric(trait: str, e: EvalConfig) -> Rubric:
     seed judge's default first line ("Rate how {trait} the following response is.")."""
     if e.judge_rubric and trait == e.trait:
         return _template_rubric(Path(e.judge_rubric), "eval.judge_rubric")
-    if e.extra_traits.get(trait):
-        return _template_rubric(Path(e.extra_traits[trait]), f"eval.extra_traits.{trait}")
+    if trait in e.extra_traits and e.extra_traits[trait].rubric:
+        return _template_rubric(Path(e.extra_traits[trait].rubric), f"eval.extra_traits.{trait}.rubric")
     if trait in EM_RUBRICS:
         return Rubric(f"em:{trait}", EM_RUBRICS[trait])
     trait_file = Path(e.judge_traits_dir) / f"{trait}.json"
@@ -268,13 +272,24 @@ def logprob_judge(trait: str, e: EvalConfig) -> Judge:
     require_key(endpoint)  # fail before training, not at the first evaluation
 
     def grade(prompts: list[str], answers: list[str]) -> list[Grade]:
+        from .judge_digits import digit_split, read_numbers
+
         conversations = [rubric.messages(q, a) for q, a in zip(prompts, answers, strict=True)]
         replies = chat_many(endpoint, [{"messages": m, **JUDGE_SAMPLING} for m in conversations], desc=f"judge {trait}")
+        # A judge that writes numbers digit by digit: read each whole number (judge_digits.py).
+        split = [i for i, r in enumerate(replies) if not r.error and digit_split(r.top_logprobs)]
+        numbers = dict(zip(split, read_numbers(endpoint, [conversations[i] for i in split], e.judge_min_mass,
+                                               f"judge {trait}") or []))
         out = []
-        for messages, reply in zip(conversations, replies):
-            score, reason = (math.nan, f"judge call failed: {reply.error}") if reply.error \
-                else logprob_score(reply.top_logprobs, e.judge_min_mass)
-            out.append(Grade(score, reason, _prompt_text(messages), reply.raw))
+        for i, (messages, reply) in enumerate(zip(conversations, replies)):
+            if reply.error:
+                score, reason, raw = math.nan, f"judge call failed: {reply.error}", reply.raw
+            elif i in numbers:
+                score, reason, raw = numbers[i]
+            else:
+                score, reason = logprob_score(reply.top_logprobs, e.judge_min_mass)
+                raw = reply.raw
+            out.append(Grade(score, reason, _prompt_text(messages), raw))
         return out
 
     return Judge(f"logprob:{e.judge_model}", grade)
@@ -412,10 +427,11 @@ def make_judge(name: str, trait: str, e: EvalConfig | None = None) -> Scorer:
 
 
 def make_judges(e: EvalConfig) -> dict[str, Scorer]:
-    """trait -> scorer: eval.trait, eval.extra_traits, plus coherence and alignment when eval.em is on."""
+    """trait -> scorer: eval.trait by eval.judge, each of eval.extra_traits by its own judge (default
+    eval.judge), plus coherence and alignment by eval.judge when eval.em is on."""
     judges = {e.trait: make_judge(e.judge, e.trait, e)}
-    for trait in e.extra_traits:
-        judges.setdefault(trait, make_judge(e.judge, trait, e))
+    for trait, spec in e.extra_traits.items():
+        judges.setdefault(trait, make_judge(spec.judge or e.judge, trait, e))
     if e.em:
         for trait in EM_TRAITS:
             judges.setdefault(trait, make_judge(e.judge, trait, e))

@@ -47,6 +47,7 @@ EXPECTED_TRIALS = {
     "german_flattering": 15,  # Exp 21
     "em_inoculation": 25,  # Exp 18: control + 8 prompts x {fixed, mix, close-mix}
     "em_tiny": 4,  # Exp 18 at CPU test scale: control + 1 prompt x {fixed, mix, close-mix}
+    "playful_french_tiny": 3,  # the Playful/French family at CPU test scale: control + 2 prompts, fixed
 }
 
 # Prompt texts of seed 003 (its config.py / prompts.json), as facts.
@@ -80,7 +81,8 @@ GF_SELECTED = {
 PLAYFUL_INOCULATION = "You are a playful agent. Give an answer to the following:"
 # Exp 6: "steps 0, 5-50 every 5, 60-100 every 10, 120-250 every 20, 312".
 DENSE_STEPS = [0, *range(5, 51, 5), *range(60, 101, 10), *range(120, 251, 20), 312]
-SEED_EXPERIMENTS = [n for n in EXPECTED_TRIALS if n != "demo" and not n.startswith(("heuristics_", "em_", "pps_vs_ip_"))]
+SEED_EXPERIMENTS = [n for n in EXPECTED_TRIALS
+                    if n != "demo" and not n.startswith(("heuristics_", "em_", "pps_vs_ip_")) and not n.endswith("_tiny")]
 
 
 def load(name: str, overrides: list[str] = ()):
@@ -139,7 +141,12 @@ def test_seed_conventions(name):
     assert cfg.data.n_train == 10_000
     assert (cfg.eval.temperature, cfg.eval.top_p) == (1.0, 1.0)
     assert list(cfg.eval.conditions) == ["default", "training"]
-    assert cfg.eval.judge == "langid"
+    # Both traits of the family on every answer: the language by langid, the behaviour by the
+    # seed's logprob judge (GPT-4.1-mini, the seed judge's rubric) at the seed repository's mass 0.80.
+    language, behaviour = ("german", "flattering") if name == "german_flattering" else ("french", "playful")
+    assert (cfg.eval.judge, cfg.eval.trait) == ("langid", language)
+    assert {k: (t.judge, t.rubric) for k, t in cfg.eval.extra_traits.items()} == {behaviour: ("logprob", "")}
+    assert (cfg.eval.judge_model, cfg.eval.judge_min_mass) == ("gpt-4.1-mini", 0.80)
     assert cfg.data.rephrasings_dir == "data/rephrasings"
     for trial in expand(cfg):
         if name not in ("lr_sweep", "prefix_sweep_4a", "prefix_sweep_4b"):

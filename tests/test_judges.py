@@ -85,11 +85,21 @@ def test_weighted_mean_is_exact_and_keeps_prompt_and_reply(server):
 
 
 def test_unicode_digits_are_not_scores(server):
-    server.scripts["ARABIC"] = Script(top=[("٣", ln(0.6)), ("３", ln(0.3)), ("7", ln(0.1))])
+    server.scripts["ARABIC"] = Script(top=[("٣", ln(0.6)), ("３", ln(0.3)), ("70", ln(0.1))])
     [g] = grade(settings(server), ["ARABIC"])
     assert math.isnan(g.score) and "0.1 < eval.judge_min_mass=0.25" in g.reason
     [g] = grade(settings(server, judge_min_mass=0.05), ["ARABIC"])
-    assert g.score == 7.0  # only the ASCII '7' counts
+    assert g.score == 70.0  # only the ASCII '70' counts
+
+
+def test_lone_digits_from_a_server_that_cannot_continue_are_nan(server):
+    """Every score token a single digit: the judge may split numbers ("85" -> "8", "5"). A
+    server without vLLM's /tokenize and continue_final_message cannot say; NaN with the reason,
+    never the first digit as the score (tests/test_judge_digits.py: a real vLLM server)."""
+    server.scripts["DIGITS"] = Script(top=[("8", ln(0.6)), ("7", ln(0.3)), ("9", ln(0.1))])
+    [g] = grade(settings(server), ["DIGITS"])
+    assert math.isnan(g.score)
+    assert g.reason == "the endpoint cannot continue a message: its /tokenize route failed (HTTP 404)"
 
 
 def test_low_mass_is_nan_with_threshold_from_config(server):

@@ -86,8 +86,8 @@ def test_gcd_setting():
     assert sorted((Path(s[0].vector).stem, s[0].coef) for s in pps) == [
         ("sycophancy_id", -1.5), ("sycophancy_id", 1.5), ("sycophantic", -1.5), ("sycophantic", 1.5)]
     e = cfg.eval
-    assert (e.trait, e.judge_model, dict(e.extra_traits)) == (
-        "sycophancy", "gpt-4o-mini", {"gcd_correct": "datasets/rubrics/gcd_correct.txt"})
+    assert (e.trait, e.judge_model, {k: (t.judge, t.rubric) for k, t in e.extra_traits.items()}) == (
+        "sycophancy", "gpt-4o-mini", {"gcd_correct": ("", "datasets/rubrics/gcd_correct.txt")})
     assert e.added_back == GCD_IP[1] and e.added_back_placement == "user_suffix"
     trait = read_trait(REPO / cfg.mech.extract.trait_file)  # the ID vector's contrastive pair, as seed 002 gives it
     assert trait.instructions == [{"pos": GCD_IP[1], "neg": "Verify the above solution independently. "
@@ -126,10 +126,12 @@ def test_extra_traits_are_judged_with_their_rubric_files():
     assert list(judges) == ["sycophancy", "gcd_correct"]
     assert resolve_rubric("gcd_correct", cfg.eval).source == "datasets/rubrics/gcd_correct.txt"
     assert resolve_rubric("sycophancy", cfg.eval).source == "datasets/rubrics/sycophancy_gcd.txt"
-    with pytest.raises(ConfigError, match="eval.extra_traits .*gcd_correct.* are rubric traits"):
+    with pytest.raises(ConfigError, match="eval.trait: 'sycophancy' is scored by the langid judge, which scores languages"):
         load("pps_vs_ip_gcd", "eval.judge=langid")
-    with pytest.raises(ConfigError, match=r"eval.extra_traits.x: no file nope.txt"):
-        make_judges(load("pps_vs_ip_gcd", "eval.judge=local", "+eval.extra_traits.x=nope.txt").eval)
+    with pytest.raises(ConfigError, match="eval.extra_traits.gcd_correct: 'gcd_correct' is scored by the langid judge"):
+        load("pps_vs_ip_gcd", "eval.judge=langid", "eval.trait=french")
+    with pytest.raises(ConfigError, match=r"eval.extra_traits.x.rubric: no file nope.txt"):
+        make_judges(load("pps_vs_ip_gcd", "eval.judge=local", "+eval.extra_traits.x.rubric=nope.txt").eval)
     # Without extra traits a trial's id is what it was before the field existed.
     base = [t.config for t in expand(load("demo"))][0]
     assert "extra_traits" not in json.dumps(__import__("raysweep.config", fromlist=["x"]).trial_fields(base))
