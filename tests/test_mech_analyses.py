@@ -207,3 +207,17 @@ def test_intensity_sweep_runs_in_one_batched_pass(tiny, convs):
         assert a[key] == pytest.approx(b[key], abs=1e-5) and a["coef"] == b["coef"]
     with pytest.raises(ValueError, match="differ only in their steering coefficients"):
         list(run_pass(model, tok, [encode(tok, convs[0], 512)], [plain, sweep[0]], [1]))
+
+
+def test_gradient_pca_keeps_components_up_to_the_threshold_uncapped_by_default():
+    """Seed 001 App. F.2: every component up to 95% cumulative explained variance; a cap only
+    when asked (mech.pca_max_components, 0 = none)."""
+    import numpy as np
+
+    from raysweep.mech.analyses import _n_kept
+    from raysweep.mech.config import MechConfig
+
+    fractions = np.array([0.3, 0.2] + [0.05] * 10)  # 95% is reached at the 11th component
+    assert _n_kept(fractions, 0.95, MechConfig().pca_max_components) == 11
+    assert _n_kept(fractions, 0.95, 3) == 3
+    assert _n_kept(fractions, 0.5, 0) == 2

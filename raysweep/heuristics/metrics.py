@@ -83,8 +83,8 @@ def snr(w) -> float:
 
 
 def snr_abs(w) -> float:
-    """Unsigned SNR = MALD / std(w) (the seed's code; its table writes |mean|/std)."""
-    return _div(mean_abs(w), sigma(w))
+    """Unsigned SNR = |mean(w)| / std(w) (seed 003, Exp 20, heuristic 9: |mean(W_mix)| / std(W_mix))."""
+    return _div(abs(ph(w)), sigma(w))
 
 
 def cosine(a, b) -> float:

@@ -98,7 +98,7 @@ def uncentred_pca(g: np.ndarray, orient: np.ndarray | None = None) -> tuple[np.n
 def _n_kept(fractions: np.ndarray, threshold: float, max_components: int) -> int:
     """Components up to the one at which the cumulative explained fraction reaches `threshold`."""
     k = int(np.searchsorted(np.cumsum(fractions), threshold - 1e-12) + 1)
-    return max(1, min(k, len(fractions), max_components))
+    return max(1, min(k, len(fractions), max_components or len(fractions)))
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -107,7 +107,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 def gradient_pca(
     model, tokenizer, conversations, defended: Condition, baseline: Condition, layers: list[int],
-    references: dict[str, Any], orient: str, *, threshold: float = 0.95, max_components: int = 10,
+    references: dict[str, Any], orient: str, *, threshold: float = 0.95, max_components: int = 0,
     max_len: int = 512, batch_size: int = 4, model_label: str = "base",
 ) -> tuple[Rows, Rows, Rows]:
     """(mech_grad_pca, mech_grad_pca_cosine, mech_grad_pca_scores) rows per layer.

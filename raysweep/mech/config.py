@@ -69,7 +69,7 @@ class MechConfig:
     pca_baseline: str = ""  # the defenseless condition they are compared with
     pca_orient: str = ""  # vector that orients each component (positive cosine)
     pca_threshold: float = 0.95  # report components up to this cumulative explained fraction
-    pca_max_components: int = 10  # ... and at most this many
+    pca_max_components: int = 0  # ... and at most this many (0 = no cap: seed 001 App. F.2 keeps every component up to the threshold)
     ip_condition: str = ""  # ip_pps: the prompted condition
     pps_conditions: list[str] = field(default_factory=list)  # ip_pps: steered conditions compared with it
     adapters: dict[str, str] = field(default_factory=dict)  # label -> LoRA adapter folder: grad_cosine and projection also run on each
