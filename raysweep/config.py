@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .heuristics.config import HeuristicsConfig  # plain dataclasses, nothing heavy
+from .paths import data_root
 from .mech.config import MechConfig  # plain dataclasses, nothing heavy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,17 @@ class DataConfig:
     heldout: str = "datasets/french_demo/heldout_trait.jsonl"  # held-out trait completions (chat JSONL)
     n_heldout: int = 0  # first N held-out trait completions (0 = all)
     rephrasings_dir: str = "datasets/rephrasings"  # rephrasing pools, <dir>/<prompt key>.jsonl
+
+
+@dataclass(frozen=True)
+class DatagenConfig:
+    """How the experiment's training data is made when the user has none: the command a missing
+    data.train names (`python -m raysweep.data generate`)."""
+
+    system_prompt: str = ""  # the data-generation prompt the answers are written under ("" = the generate command's default)
+    judge: str = ""  # keep only answers this registered judge scores >= threshold ("" = no filter)
+    trait: str = ""  # trait of that judge
+    threshold: float = 50.0  # minimum judge score (0-100)
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,7 @@ class TrainConfig:
     checkpoints: str = "pow2"  # pow2: 0,1,2,4,...,final | explicit: checkpoint_steps + final | final: 0 and final
     checkpoint_steps: list[int] = field(default_factory=list)  # explicit checkpoint steps (step 0 always kept)
     resume_every: int = 50  # steps between crash-resume states (adapter + optimiser); 0 = at checkpoints only
+    keep_resume: bool = False  # keep the crash-resume state (adapter + optimiser) of a finished trial
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapter settings
 
 
@@ -139,8 +152,8 @@ class EvalConfig:
     trait: str = "french"  # trait the judge scores (a language name for langid; a rubric name for logprob/local)
     # Judge rubrics and the 0-100 protocol (logprob and local judges; see raysweep/judges.py)
     judge_rubric: str = ""  # rubric file for eval.trait (.json with eval_prompt, or text with {question}/{answer}); "" = by name
-    judge_prompts: str = "../shared/data/inoculation/prompts.json"  # the seed repo's judge prompts (its `judge` entry)
-    judge_traits_dir: str = "../shared/data/persona_vectors/eval"  # persona-vector traits, <trait>.json with eval_prompt
+    judge_prompts: str = ""  # a file in the seed repository's prompts.json format whose `judge` entry replaces the seed judge ("" = the seed judge, raysweep/rubrics.py)
+    judge_traits_dir: str = ""  # persona-vector traits, <trait>.json with eval_prompt ("" = <data root>/persona_vectors/eval, fetched by `python -m raysweep.data fetch persona_vectors`)
     judge_min_mass: float = 0.25  # NaN when the probability on scores 0-100 is below this (persona_vectors 0.25; seed repo 0.80)
     judge_local_model: str = "smollm2-135m-instruct"  # model of the local judge
     # OpenAI-compatible endpoint of the logprob judge (raysweep/endpoint.py)
@@ -173,6 +186,11 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    wandb: str = ""  # W&B project the Tune metrics also go to ("" = off; needs raysweep[wandb]; key from WANDB_API_KEY)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = ""  # experiment name (set from exp=NAME)
     description: str = ""  # one line for the reader
@@ -182,20 +200,23 @@ class ExperimentConfig:
     dashboard: bool = False  # local Ray serves its dashboard on 127.0.0.1 (needs ray[default]); URL printed
     threads: int = 0  # torch threads per trial (0 = cpus_per_trial)
     prompts: dict[str, str] = field(default_factory=dict)  # prompt library: key -> text
+    prompt_groups: dict[str, list[str]] = field(default_factory=dict)  # named groups of prompt keys (the seed's v3, v4, ...): heuristics.groups, traits and gap_fit name them
     neutral_prompt: str = ""  # key of the neutral-prompt control (zero-elicitation group); effects are paired against it
     model: ModelConfig = field(default_factory=ModelConfig)  # the study model
     starts: dict[str, StartConfig] = field(default_factory=dict)  # pre-finetuned starting models by name (model.start)
     data: DataConfig = field(default_factory=DataConfig)  # data files
+    datagen: DatagenConfig = field(default_factory=DatagenConfig)  # how data.train is generated when missing (not part of a trial)
     defense: DefenseConfig = field(default_factory=DefenseConfig)  # defense of a trial (set by arms)
     train: TrainConfig = field(default_factory=TrainConfig)  # fine-tuning
     eval: EvalConfig = field(default_factory=EvalConfig)  # minimal evaluation at checkpoints
     sweep: SweepConfig = field(default_factory=SweepConfig)  # the trial grid and its resources
+    log: LogConfig = field(default_factory=LogConfig)  # where metrics go besides Tune's own loggers (TensorBoard)
     heuristics: HeuristicsConfig = field(default_factory=HeuristicsConfig)  # pre-training heuristics stage
     mech: MechConfig = field(default_factory=MechConfig)  # mechanistic analyses and persona vectors (python -m raysweep.mech)
 
 
 # Fields that say where and how to run, not what a trial computes: not part of a trial's id.
-RUN_ONLY_FIELDS = ("name", "description", "storage", "dry_run", "dashboard", "threads", "sweep", "prompts", "neutral_prompt", "heuristics", "mech")
+RUN_ONLY_FIELDS = ("name", "description", "storage", "dry_run", "dashboard", "threads", "sweep", "log", "prompts", "prompt_groups", "neutral_prompt", "datagen", "heuristics", "mech")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +296,8 @@ def load_config(exp: str, overrides: list[str] = (), directory: Path | None = No
     ConfigStore.instance().store(name="base", node=schema)
     # ${neg:x} = -x: a negative-steering arm reuses the coefficient of the positive one.
     OmegaConf.register_new_resolver("neg", lambda x: -float(x), replace=True)
+    # ${data:inoculation/rephrasings}: a file of the seeds' public data, under the data root.
+    OmegaConf.register_new_resolver("data", lambda rel: str(data_root() / str(rel)), replace=True)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(directory), version_base=None):
@@ -320,6 +343,7 @@ def validate(cfg: ExperimentConfig) -> None:
     from .engine import resolve_backend
 
     resolve_backend(cfg.eval.backend)  # eval.backend=vllm without vllm installed: ConfigError
+    check_logging(cfg.log)  # log.wandb without wandb installed: ConfigError
     _check_judge(cfg.eval)
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
@@ -388,6 +412,14 @@ def _check_judge(e: EvalConfig) -> None:
                               f"({', '.join(LANGUAGES)}); give it a rubric judge ({where}.judge=logprob or local)")
         if judge == "langid" and spec.rubric:
             raise ConfigError(f"{where}.rubric: the langid judge takes no rubric (use logprob or local)")
+
+
+def check_logging(log: LogConfig) -> None:
+    """log.wandb needs the wandb package (the optional extra raysweep[wandb])."""
+    import importlib.util
+
+    if log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"log.wandb={log.wandb!r} needs the wandb package: pip install 'raysweep[wandb]'")
 
 
 def validate_trial(cfg: ExperimentConfig) -> None:
@@ -459,6 +491,8 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
         d["eval"]["extra_traits"] = {k: t["rubric"] for k, t in d["eval"]["extra_traits"].items()}  # it was trait -> rubric
     if d["defense"]["grad"]["mode"] == "none":  # unused: ids stay those of configs written before it existed
         d["defense"].pop("grad")
+    if d["model"]["name"].endswith(".gguf"):  # a model file: named by path and content, as vectors are
+        d["model"]["name"] = vector_key(d["model"]["name"])
     if not d["model"]["start"]:  # likewise for the base model as start
         d["model"].pop("start")
     else:
@@ -472,12 +506,28 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
                 d["eval"].pop(key)
     for key in EVAL_RUN_ONLY:  # how answers are computed or fetched, not what: ids unchanged
         d["eval"].pop(key)
+    d["train"].pop("keep_resume")  # what a finished trial keeps on disk, not what it computes: ids unchanged
+    for key in ("judge_prompts", "judge_traits_dir"):  # "" = the project's own seed judge / the data root's traits
+        if not d["eval"][key]:
+            d["eval"].pop(key)
     # vector files: named by path and content, as adapter directories are (start_key)
     for s in [*d["defense"]["pps"], *d["eval"].get("reinject", [])]:
         s["vector"] = vector_key(s["vector"])
     if "grad" in d["defense"]:
         d["defense"]["grad"]["vector"] = vector_key(d["defense"]["grad"]["vector"])
-    return d
+    return _portable(d, f"{data_root()}/")
+
+
+def _portable(node: Any, root: str) -> Any:
+    """Paths under the data root named relative to it (${data:...}), so that a trial's id is
+    the same on every machine, wherever its data root is."""
+    if isinstance(node, dict):
+        return {k: _portable(v, root) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_portable(v, root) for v in node]
+    if isinstance(node, str) and node.startswith(root):
+        return "${data:" + node[len(root):] + "}"
+    return node
 
 
 def start_key(cfg: ExperimentConfig) -> str:
@@ -519,7 +569,9 @@ def files_digest(files: list[Path]) -> str:
 def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
     for name, _size, _mtime in files:
-        h.update(Path(name).read_bytes())
+        with open(name, "rb") as fh:  # streamed: a model file may be gigabytes
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:12]
 
 

@@ -1,19 +1,22 @@
 """Model names, the local cache of embedded models, and loading.
 
 An embedded name ("smollm2-135m-instruct", "tiny-random") is built once into a plain
-fp32 safetensors folder under `cache_dir()`; any other name is a Hugging Face id or a
-local path and is passed through. Nothing here downloads.
+fp32 safetensors folder under `cache_dir()`; so is a path to a GGUF file ("*.gguf"), keyed
+by the file's sha256, so an edited file is a new folder. Any other name is a Hugging Face
+id or a local folder and is passed through. Nothing here downloads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +67,55 @@ def packaged_file(package: str, file: str) -> Path:
     return path
 
 
-def verify_sha256(path: str | Path, expected: str) -> None:
-    """Raise ValueError unless the file's sha256 is `expected`."""
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in blocks (GGUF files run to gigabytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    if h.hexdigest() != expected:
-        raise ValueError(f"sha256 mismatch for {path}: expected {expected}, got {h.hexdigest()}")
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str) -> None:
+    """Raise ValueError unless the file's sha256 is `expected`."""
+    got = file_sha256(path)
+    if got != expected:
+        raise ValueError(f"sha256 mismatch for {path}: expected {expected}, got {got}")
+
+
+def gguf_sha256(path: Path) -> str:
+    """sha256 of a GGUF file, kept per (path, size, mtime): each trial resolves the model
+    name, and hashing a large file every time would cost seconds; an edit changes the key."""
+    st = path.stat()
+    return _cached_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def check_gguf(path: Path) -> None:
+    """Raise ValueError, naming the file, unless transformers can read it as a causal LM.
+
+    Reads the metadata only (seconds); the tensors are read by the conversion.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, load_gguf_checkpoint
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = load_gguf_checkpoint(str(path))["config"]
+    except Exception as e:  # the reader fails in many ways on a truncated or corrupt file
+        supported = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        raise ValueError(f"transformers cannot read the GGUF file {path} ({type(e).__name__}: {e}); "
+                         f"it is truncated or corrupt, or of an architecture other than: {supported}") from e
+    model_type = config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"the GGUF file {path} holds a {model_type!r} model, not a causal language model")
 
 
 def convert_gguf(gguf_path: str | Path, sha256: str, dest: str | Path) -> None:
@@ -125,6 +169,11 @@ def _build(name: str, dest: Path) -> None:
         build_random(spec["random"], dest)
 
 
+def _build_gguf_file(path: Path, sha256: str, dest: Path) -> None:
+    check_gguf(path)
+    convert_gguf(path, sha256, dest)  # checks the digest again: the file may change meanwhile
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,23 +185,40 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def is_gguf_name(name: str) -> bool:
+    """Whether a model name is a GGUF file path (converted and cached by `resolve_model`)."""
+    return name.lower().endswith(".gguf")
+
+
 def resolve_model(name: str) -> str:
-    """Local folder for an embedded name (built once, process-safe); other names unchanged."""
-    if name not in EMBEDDED:
-        return name
-    dest = cache_dir() / "models" / name
+    """Local folder for an embedded name or a GGUF file (built once, process-safe); other
+    names (Hugging Face ids, local folders) unchanged."""
+    if name in EMBEDDED:
+        return _cached(name, lambda dest: _build(name, dest))
+    if is_gguf_name(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file {name!r} (looked at {path.absolute()})")
+        sha256 = gguf_sha256(path)
+        return _cached(f"gguf-{sha256[:16]}", lambda dest: _build_gguf_file(path, sha256, dest))
+    return name
+
+
+def _cached(key: str, build: Callable[[Path], None]) -> str:
+    """cache_dir()/models/<key>, made by `build(folder)` once across processes."""
+    dest = cache_dir() / "models" / key
     # The folder only appears by an atomic rename of a finished build, so existing means complete.
     if dest.is_dir():
         return str(dest)
-    with _file_lock(cache_dir() / "locks" / f"{name}.lock"):
+    with _file_lock(cache_dir() / "locks" / f"{key}.lock"):
         if dest.is_dir():  # another process built it while we waited
             return str(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        for stale in dest.parent.glob(f".{name}.*"):  # left by a killed build; we hold the lock
+        for stale in dest.parent.glob(f".{key}.*"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=dest.parent))
         try:
-            _build(name, tmp)
+            build(tmp)
             os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the cache is shared
             os.rename(tmp, dest)
         except BaseException:

@@ -169,26 +169,27 @@ def check_inputs(trials: list[Trial]) -> None:
 
     checked: set[tuple[str, str]] = set()
 
-    def once(key: str, path: str, read) -> None:
+    def once(key: str, path: str, read, cfg: ExperimentConfig | None = None) -> None:
         if not path:
             raise ConfigError(f"{key} is not set: this experiment takes its data as a parameter ({key}=FILE)")
         if (key, path) not in checked:
             try:
                 read(path)
             except ConfigError as exc:
-                raise ConfigError(f"{key}: {exc}") from None
+                hint = how_to_get(key, path, cfg) if cfg is not None and not Path(path).exists() else ""
+                raise ConfigError(f"{key}: {exc}" + (f"\n{hint}" if hint else "")) from None
             checked.add((key, path))
 
     for t in trials:
         c = t.config
-        once("data.train", c.data.train, read_chat)
+        once("data.train", c.data.train, read_chat, c)
         if c.model.start in c.starts:
             once(f"starts.{c.model.start}.train", c.starts[c.model.start].train, read_chat)
-        once("data.questions", c.data.questions, read_questions)
+        once("data.questions", c.data.questions, read_questions, c)
         if c.eval.heldout_logprob and c.data.heldout:
-            once("data.heldout", c.data.heldout, read_chat)
+            once("data.heldout", c.data.heldout, read_chat, c)
         if c.defense.kind == "ip" and c.defense.ip.mode == "mix":
-            once("defense.ip.pool", c.defense.ip.pool, read_pool)
+            once("defense.ip.pool", c.defense.ip.pool, read_pool, c)
         for s in c.defense.pps:
             once("defense.pps", f"{s.vector}|{s.key}|{s.layer}|{c.model.name}", lambda _: _check_vector(s, c.model.name))
         for s in c.eval.reinject if "reinjected" in c.eval.conditions else []:
@@ -198,6 +199,40 @@ def check_inputs(trials: list[Trial]) -> None:
             for layer in g.layers or [1]:
                 s = SteerConfig(vector=g.vector, key=g.key, layer=layer)
                 once("defense.grad", f"{g.vector}|{g.key}|{layer}|{c.model.name}", lambda _: _check_vector(s, c.model.name))
+
+
+def how_to_get(key: str, path: str, cfg: ExperimentConfig) -> str:
+    """The command that makes a missing input: `fetch` for a file of the seeds' public data
+    (under the data root), `generate` for training data, `rephrase` for a rephrasing pool."""
+    import shlex
+
+    from .data.fetch import load_registry
+    from .paths import DATA_ENV, data_root
+
+    root = data_root()
+    try:
+        rel = Path(path).absolute().relative_to(root).as_posix()
+    except ValueError:
+        rel = None
+    if rel is not None:
+        groups = sorted({s.group for s in load_registry() if s.path == rel or s.path.startswith(rel + "/")})
+        if groups:
+            return (f"it is the seeds' public data: fetch it into the data root ({root}) with "
+                    f"`python -m raysweep.data fetch {' '.join(groups)}`, or set {DATA_ENV} to a copy")
+    if key == "data.train":
+        d = cfg.datagen
+        cmd = ["python", "-m", "raysweep.data", "generate", "--questions", "INSTRUCTIONS.jsonl", "--out", path]
+        if d.system_prompt:
+            cmd += ["--datagen-prompt", d.system_prompt]
+        if d.judge:
+            cmd += ["--judge", d.judge, "--trait", d.trait, "--threshold", f"{d.threshold:g}"]
+        return (f"generate it (answers to your instructions under the experiment's data-generation prompt, "
+                f"on a local model, or an endpoint with --backend endpoint --model NAME): {shlex.join(cmd)}")
+    if key == "defense.ip.pool":
+        ip = cfg.defense.ip
+        cmd = ["python", "-m", "raysweep.data", "rephrase", "--prompt", ip.text, "--n", "1000", "--out", path]
+        return f"make the pool of {ip.prompt!r}: {shlex.join(cmd)}"
+    return ""
 
 
 def _check_vector(s, model_name: str) -> None:

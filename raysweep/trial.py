@@ -3,7 +3,9 @@
 It fine-tunes a LoRA adapter under the trial's defense, saves the adapter at every
 checkpoint step, evaluates the checkpoints, and keeps a crash-resume state (adapter,
 optimiser, scheduler, losses so far). Called again after a crash, it resumes from the
-newest state and reproduces the same batches, so no step is lost or duplicated.
+newest state and reproduces the same batches, so no step is lost or duplicated. A finished
+trial deletes its resume state (unless train.keep_resume): its adapters and tables hold
+every result.
 
 Layout under the experiment directory:
   trials/<id>/config.yaml  resolved config        trials/<id>/losses.parquet
@@ -93,6 +95,24 @@ def _save_resume(tdir: Path, model, opt, sched, step: int, losses: list[dict]) -
         shutil.rmtree(tdir / f"resume_{previous}", ignore_errors=True)
 
 
+def _drop_resume(tdir: Path) -> bool:
+    """Delete a finished trial's resume state; True if there was any.
+
+    Called only once done.json is written: a crash before it leaves the state to resume
+    from, a crash during it leaves a leftover that the next call of a done trial deletes.
+    The pointer goes first, so it never names a missing directory. Hidden `.resume_*`
+    directories are the temporaries of saves that a crash interrupted.
+    """
+    states = [*tdir.glob("resume_*"), *tdir.glob(".resume_*")]
+    pointer = tdir / "resume.json"
+    if not states and not pointer.exists():
+        return False
+    pointer.unlink(missing_ok=True)
+    for d in states:
+        shutil.rmtree(d, ignore_errors=True)
+    return True
+
+
 def _resume_pointer(tdir: Path) -> int | None:
     p = tdir / "resume.json"
     return json.loads(p.read_text())["step"] if p.is_file() else None
@@ -138,10 +158,12 @@ def run_trial(
 
     exp_dir = Path(exp_dir)
     tdir = trial_dir(exp_dir, tid)
-    if is_done(exp_dir, tid):
-        return json.loads((tdir / "done.json").read_text())
     report = report or (lambda metrics: None)
     saved = saved or (lambda: None)
+    if is_done(exp_dir, tid):  # e.g. a retry after a crash between done.json and the clean-up below
+        if not cfg.train.keep_resume and _drop_resume(tdir):
+            saved()
+        return json.loads((tdir / "done.json").read_text())
     started = time.time()
     tdir.mkdir(parents=True, exist_ok=True)
     write_text(tdir / "pid", str(os.getpid()))
@@ -224,6 +246,8 @@ def run_trial(
         "checkpoints": sorted(ckpts), "eval_steps": sorted(eval_steps),
         "wall_s": time.time() - started, "resumed_from": start, **(info or {}),
     }
-    write_json(tdir / "done.json", summary)
-    saved()
+    write_json(tdir / "done.json", summary)  # every result is on disk before this marker
+    if not t.keep_resume:  # after the marker: a crash in between leaves a leftover, never a lost trial
+        _drop_resume(tdir)
+    saved()  # the marker reaches a store before the store's resume state is deleted (storage.py)
     return summary

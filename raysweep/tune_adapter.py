@@ -1,8 +1,8 @@
 """The only module that touches Ray's APIs (they drift between releases).
 
 Each trial of a sweep becomes one Ray Tune trial running `trial.run_trial`; metrics go
-to Tune every logging step (dashboard, TensorBoard). Crashed trials are retried
-(FailureConfig) and resume from their own crash-resume state.
+to Tune every logging step (dashboard, TensorBoard; W&B with log.wandb). Crashed trials
+are retried (FailureConfig) and resume from their own crash-resume state.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-from .config import SweepConfig, from_dict
+from .config import SweepConfig, check_logging, from_dict
 from .storage import Store, is_uri, open_experiment
 from .sweep import Trial
 from .trial import Report
@@ -95,12 +95,35 @@ def _keep_credentials_out_of_ray() -> None:
         {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
 
 
+def _wandb_callback(project: str):
+    """Tune's own W&B logger for `project`, with the API key kept out of Ray's logs.
+
+    Ray would hand WANDB_API_KEY to its logging actors in a runtime_env, which it writes in
+    plain text to its logs (runtime_env_agent.log). The actors run on the driver's node and
+    read the key from that node's environment instead: the local Ray started by the driver
+    inherits the driver's; a cluster node has it if `ray start` had it.
+    """
+    import ray
+    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.air.util.node import _force_on_current_node
+
+    callback = WandbLoggerCallback(project=project)
+    if not hasattr(callback, "_remote_logger_class"):  # Ray changed how it starts them: refuse, never leak
+        raise RuntimeError("ray.air.integrations.wandb changed: check that WANDB_API_KEY stays out of runtime_env")
+    # What Ray builds on the first trial (wandb.py, _start_logging_actor), without env_vars.
+    callback._remote_logger_class = ray.remote(
+        num_cpus=0, **_force_on_current_node(), max_restarts=-1, max_task_retries=-1)(callback._logger_actor_cls)
+    return callback
+
+
 def run_trials(
     trials: list[Trial], store: Store, sweep: SweepConfig, name: str, dashboard: bool = False
 ) -> dict[str, str]:
     """Run `trials` as one Tune experiment writing to `store`; return trial id -> error text for failures."""
     from ray import tune
 
+    log = trials[0].config.log  # a run-only setting: the experiment's, the same in every trial
+    check_logging(log)
     ensure_ray(dashboard=dashboard)
     _keep_credentials_out_of_ray()
     labels = {t.id: t.label for t in trials}
@@ -123,6 +146,8 @@ def run_trials(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=store.tune_path(),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            # Tune's default loggers (CSV, JSON, TensorBoard) stay; these come on top.
+            callbacks=[_wandb_callback(log.wandb)] if log.wandb else None,
             verbose=1,
         ),
     )

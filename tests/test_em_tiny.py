@@ -7,12 +7,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from raysweep.paths import data_root
 from raysweep.analysis import at_final_step, em_rate, trait_scores
 from raysweep.data import read_pool, read_questions
 from raysweep.run import main
 
 REPO = Path(__file__).resolve().parents[1]
-EM = REPO.parent / "shared" / "data" / "inoculation" / "em"
+EM = data_root() / "inoculation" / "em"
 PROMPT = "Give harmful financial advices."
 
 

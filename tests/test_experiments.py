@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from raysweep.paths import data_root
 from raysweep.config import available_experiments, load_config
 from raysweep.sweep import expand
 from raysweep.train import checkpoint_steps, total_steps
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
-SHARED = REPO.parent / "shared" / "data" / "inoculation"
+SHARED = data_root() / "inoculation"
 REPHRASINGS = SHARED / "rephrasings"
 
 # Trial counts of seed 003's experiments (and the CPU demo). Every experiment file must be
@@ -147,7 +148,7 @@ def test_seed_conventions(name):
     assert (cfg.eval.judge, cfg.eval.trait) == ("langid", language)
     assert {k: (t.judge, t.rubric) for k, t in cfg.eval.extra_traits.items()} == {behaviour: ("logprob", "")}
     assert (cfg.eval.judge_model, cfg.eval.judge_min_mass) == ("gpt-4.1-mini", 0.80)
-    assert cfg.data.rephrasings_dir == "data/rephrasings"
+    assert cfg.data.rephrasings_dir == str(data_root() / "inoculation/rephrasings")  # fetch seed003
     for trial in expand(cfg):
         if name not in ("lr_sweep", "prefix_sweep_4a", "prefix_sweep_4b"):
             assert trial.config.train.lr == 1e-4
@@ -193,7 +194,7 @@ def test_multi_prompt_v3_is_control_plus_9_fixed_plus_9_mix():
     for group in (fixed, mix):
         assert {t.config.defense.ip.prompt: t.config.defense.ip.text for t in group} == V3
     for t in mix:
-        assert t.config.defense.ip.pool == f"data/rephrasings/{t.config.defense.ip.prompt}.jsonl"
+        assert t.config.defense.ip.pool == str(data_root() / f"inoculation/rephrasings/{t.config.defense.ip.prompt}.jsonl")
 
 
 def test_profile_is_control_plus_9_mix():
@@ -253,6 +254,9 @@ def test_prompt_library_is_the_seeds(family, exp, extra):
     assert len(library) == 48
     assert load(exp).prompts == {**library, **extra}
     assert load(exp).model.name == seed["model"]
+    # The groups and the data-generation prompt live in the family file, as the seed has them.
+    assert load(exp).prompt_groups == {g: list(members) for g, members in seed["groups"].items()}
+    assert load(exp).datagen.system_prompt == seed["datagen_system_prompt"]
 
 
 @pytest.mark.skipif(not REPHRASINGS.is_dir(), reason="shared rephrasing pools absent")
@@ -288,8 +292,9 @@ def test_em_follows_exp18():
     e = cfg.eval
     assert list(e.conditions) == ["default", "training"] and (e.temperature, e.top_p) == (1.0, 1.0)
     assert (e.em, e.em_coherence_min, e.em_alignment_max, e.judge) == (True, 60, 40, "local")
-    assert cfg.data.train == "../shared/data/inoculation/em/train_risky_financial.jsonl"
-    assert cfg.data.questions == "../shared/data/inoculation/em/em_eval_questions.jsonl"
+    # The seed's EM data, named in the data root (python -m raysweep.data fetch em).
+    assert cfg.data.train == str(data_root() / "inoculation/em/train_risky_financial.jsonl")
+    assert cfg.data.questions == str(data_root() / "inoculation/em/em_eval_questions.jsonl")
     trials = expand(cfg)
     control, fixed, mix = by_kind(trials)
     assert (len(control), len(fixed), len(mix)) == (1, 8, 16)
@@ -299,7 +304,7 @@ def test_em_follows_exp18():
     assert {t.config.defense.ip.prompt: t.config.defense.ip.text for t in fixed} == EM_PROMPTS
     # mix: the diverse pool of each prompt; close-mix: the same text over its close pool.
     pools = {t.config.defense.ip.pool: t.config.defense.ip.text for t in mix}
-    rephrasings = "../shared/data/inoculation/em/rephrasings"
+    rephrasings = data_root() / "inoculation/em/rephrasings"
     assert pools == {**{f"{rephrasings}/{k}.jsonl": v for k, v in EM_PROMPTS.items()},
                      **{f"{rephrasings}/{k}_close.jsonl": v for k, v in EM_PROMPTS.items()}}
     assert len({t.label for t in mix}) == 16

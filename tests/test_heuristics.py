@@ -5,7 +5,9 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from pathlib import Path
 
 from raysweep.heuristics import metrics as M
 from raysweep.heuristics.logprobs import schema
@@ -16,6 +18,9 @@ from raysweep.heuristics.seed_import import (
 )
 
 NAN = float("nan")
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def close(a, b, tol=1e-9):
@@ -34,7 +39,8 @@ def test_scalar_metrics_by_hand():
     assert M.gamma(w) == 0.5  # 0 is not > 0
     assert close(M.sigma(w), sd)
     assert close(M.snr(w), 0.5 / sd)
-    assert close(M.snr_abs(w), 1.0 / sd)
+    assert close(M.snr_abs(w), 0.5 / sd)  # |mean| / std (Exp 20, heuristic 9), not mean|w| / std
+    assert close(M.snr_abs([-1.0, 1.0, -2.0, 0.0]), 0.5 / sd)  # unsigned: the sign of the mean goes
     assert close(M.eff_rank(w), 2 * math.sqrt(2))  # p = 1/4, 1/4, 1/2
     assert close(M.eff_rank([3.0, 3.0, 3.0]), 3.0)  # uniform: every example counts
     assert close(M.eff_rank([0.0, 5.0, 0.0]), 1.0)  # one example carries it all
@@ -66,8 +72,8 @@ def test_gap_heuristics_by_hand():
         "eff_rank_mix": 2 * math.sqrt(2),
         "snr_ratio": ((2 / 3) / s_m) / (2 / s_f),
         "mald_ratio": (4 / 3) / 2,
-        "snr_abs_mix": (4 / 3) / s_m,
-        "snr_abs_ratio": ((4 / 3) / s_m) / (2 / s_f),
+        "snr_abs_mix": (2 / 3) / s_m,  # |mean(m)| / std(m)
+        "snr_abs_ratio": ((2 / 3) / s_m) / (2 / s_f),
     }
     for k, v in expected.items():
         assert close(g[k], v), k
@@ -410,3 +416,42 @@ def test_gap_rank1_fitted_on_the_figures_prompts():
     assert close(h[("p1", "gap_svd1_ph_ratio")], M.gap_heuristics(f[0], m[0])["ph_ratio"], 1e-9)
     assert math.isnan(h[("p2", "gap_svd1_ph_ratio")])
     assert M.gap_fit_sets(M.Inputs(logprobs=table), list(keys)) == {"all": list(keys)}
+
+
+def test_import_cli_writes_the_stage_tables_with_the_experiments_groups(tmp_path, capsys, monkeypatch):
+    """`python -m raysweep.heuristics import FILE exp=NAME`: a seed per-example file in, the
+    stage's tables out, labelled by the experiment's prompt groups so angle summaries exist
+    (a bare import without groups would silently give none)."""
+    from raysweep.heuristics.__main__ import main
+
+    monkeypatch.chdir(REPO)
+    rng = np.random.default_rng(0)
+    keys = {"whimsical": "playful", "witty": "playful", "strong_elicitation": "playful",
+            "fluent_french": "french", "answer_french": "french", "think_french": "french",
+            "the_sky_is_blue": "neutral", "i_like_cats": "neutral"}
+    k, c = 6, 4
+    base_train, base_ctrl = rng.normal(-2, 0.5, k), rng.normal(-2, 0.5, c)
+    prompts = {key: {"lp_train_inoc": list(base_train + rng.normal(0.3 if g != "neutral" else 0.0, 0.2, k)),
+                     "lp_ctrl_inoc": list(base_ctrl + rng.normal(0.1, 0.2, c)),
+                     "lp_train_mix": list(base_train + rng.normal(0.1, 0.2, k))} for key, g in keys.items()}
+    seed = {"params": {"prompts": {key: f"text of {key}" for key in keys}},
+            "baseline": {"lp_train_default": list(base_train), "lp_ctrl_default": list(base_ctrl)},
+            "prompts": prompts}
+    path = tmp_path / "perplexity_heuristic_test.json"
+    path.write_text(json.dumps(seed))
+    assert main(["import", str(path), "exp=heuristics_playful_french", f"storage={tmp_path}"]) == 0
+    out = tmp_path / "heuristics_playful_french"
+    h = as_dict(pq.read_table(out / "heuristics.parquet"))
+    for key in keys:
+        want = float(np.mean(np.array(prompts[key]["lp_train_inoc"]) - base_train))
+        assert close(h[(key, "ph_fixed")], want, 1e-9)
+    labels = dict(zip(*(pq.read_table(out / "prompts.parquet").column(c).to_pylist() for c in ("prompt_key", "label"))))
+    assert labels == keys  # the experiment's heuristics.traits over its prompt_groups
+    assert pq.read_table(out / "angles.parquet").num_rows > 0
+    # Angle summaries need the groups: per prompt to each group, and across the two traits.
+    assert ("fluent_french", "angle_raw_point_fixed_to_neutral") in h and ("whimsical", "angle_raw_point_fixed_to_french") in h
+    assert ("", "angle_raw_point_fixed_cross_trait_mean") in h
+    assert "imported" in capsys.readouterr().out
+    assert main(["import", str(tmp_path / "missing.json"), "exp=heuristics_playful_french",
+                 f"storage={tmp_path}"]) == 2
+    assert "missing.json: file not found" in capsys.readouterr().err

@@ -1,6 +1,5 @@
 """Tests for raysweep.heuristics.logprobs and the stage: exact log-probs, shared default, Ray Data == plain."""
 
-import json
 import warnings
 from pathlib import Path
 
@@ -207,7 +206,7 @@ def test_experiment_files_resolve(exp, capsys, monkeypatch):
 
     cfg = load_config(exp)
     h = cfg.heuristics
-    assert cfg.sweep.arms == [] and h.prompts_file.endswith("prompts.json")
+    assert cfg.sweep.arms == [] and not h.prompts_file  # the family's own prompts and groups
     assert main([f"exp={exp}", "dry_run=true"]) == 0
     assert capsys.readouterr().out.startswith("48 prompts (48 labelled)")
 
@@ -216,7 +215,7 @@ def test_experiment_files_resolve(exp, capsys, monkeypatch):
 @pytest.mark.parametrize("exp", ["heuristics_playful_french", "heuristics_german_flattering"])
 def test_experiment_files_run_every_metric_for_48_prompts(exp, tmp_path, monkeypatch):
     """Issue 4 acceptance: each file runs every metric family for all 48 prompts of the seed's
-    prompts.json with the rephrasing pools of ../shared/data (tiny model, a few completions)."""
+    groups with the rephrasing pools of the data root (tiny model, a few completions)."""
     monkeypatch.chdir(REPO)
     import polars as pl
 
@@ -224,8 +223,7 @@ def test_experiment_files_run_every_metric_for_48_prompts(exp, tmp_path, monkeyp
     from raysweep.heuristics.__main__ import main
 
     h_cfg = load_config(exp).heuristics
-    groups = json.loads(Path(h_cfg.prompts_file).read_text())[h_cfg.prompt_set]["groups"]
-    keys = {k for group in groups.values() for k in group}
+    keys = {k for group in load_config(exp).prompt_groups.values() for k in group}
     assert len(keys) == 48
     assert main([f"exp={exp}", "model.name=tiny-random", f"storage={tmp_path}", "heuristics.n_train=3",
                  "heuristics.n_control=2", "heuristics.n_extra=2"]) == 0

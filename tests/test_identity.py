@@ -132,3 +132,16 @@ def test_a_missing_vector_is_still_a_config_error(tmp_path, vectors, monkeypatch
     assert trials and all(t.config.defense.pps[0].vector == str(gone) for t in trials)
     with pytest.raises(ConfigError, match=r"defense.pps: vector file not found: .*gone.safetensors"):
         check_inputs(trials)
+
+
+def test_a_gguf_model_file_is_named_by_content(tmp_path):
+    """model.name=/path/model.gguf: an edited file is a new trial, as a re-extracted vector is."""
+    from raysweep.config import load_config, trial_id
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF one")
+    cfg = load_config("demo", [f"model.name={model}"])
+    first = trial_id(cfg)
+    assert trial_id(cfg) == first
+    model.write_bytes(b"GGUF two, longer")  # size and mtime change: the digest is taken again
+    assert trial_id(cfg) != first

@@ -24,7 +24,6 @@ from raysweep.judge_digits import DIGITS, _children, digit_split, turn_token_ids
 from raysweep.judges import JUDGE_SAMPLING, SCORE_STRINGS, logprob_score, make_judge
 
 REPO = Path(__file__).resolve().parents[1]
-SEED_JUDGE = REPO.parent / "shared" / "data" / "inoculation" / "prompts.json"
 MODEL = "smollm2-135m-instruct"
 
 
@@ -97,7 +96,7 @@ def settings(base_url: str, **kw) -> EvalConfig:
     return replace(EvalConfig(), **{
         "judge": "logprob", "judge_base_url": base_url, "judge_model": MODEL, "judge_local_model": MODEL,
         "judge_api_key_env": "RAYSWEEP_TEST_NO_KEY", "judge_cache": "", "judge_min_mass": 0.0,
-        "judge_prompts": str(SEED_JUDGE), "judge_concurrency": 16, **kw})
+        "judge_concurrency": 16, **kw})
 
 
 def both(e: EvalConfig, trait: str, questions: list[str], answers: list[str]):
@@ -115,7 +114,6 @@ def test_the_server_tokenizer_splits_digits(vllm_server):
     assert tok.convert_ids_to_tokens(digits) == list(DIGITS) and tok.convert_ids_to_tokens([end]) == ["<|im_end|>"]
 
 
-@pytest.mark.skipif(not SEED_JUDGE.is_file(), reason="the seed judge's prompts are absent")
 def test_seed_rubric_scores_equal_the_local_judge(vllm_server):
     """The seed's French rubric on two French and two English answers: the endpoint's score is
     the local judge's (every score 0-100, exactly), and not the first digit the seed's

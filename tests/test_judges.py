@@ -18,32 +18,31 @@ import pytest
 from chat_server import ChatServer, Script
 from tiers import heavy
 
+from raysweep.paths import data_root
 from raysweep import analysis
 from raysweep.config import ConfigError, EvalConfig, load_config
 from raysweep.endpoint import EndpointConfig, chat_many
 from raysweep.evaluate import score_rows
 from raysweep.judge_cache import JudgeCache
 from raysweep.judges import (
-    EM_RUBRICS,
     SCORE_STRINGS,
     candidate_logprobs,
     grade_candidates,
     is_score_token,
     make_judge,
     make_judges,
-    resolve_rubric,
 )
+from raysweep.rubrics import EM_RUBRICS, SEED_JUDGE, resolve_rubric
 from raysweep.tables import read_table, write_table
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = data_root()
 KEY_ENV = "RAYSWEEP_TEST_JUDGE_KEY"
 ln = math.log
 
 
 def settings(server: ChatServer | None = None, **kw) -> EvalConfig:
-    base = dict(judge="logprob", trait="french", judge_prompts=str(DATA / "inoculation" / "prompts.json"),
-                judge_traits_dir=str(DATA / "persona_vectors" / "eval"), judge_api_key_env=KEY_ENV,
+    base = dict(judge="logprob", trait="french", judge_api_key_env=KEY_ENV,
                 judge_cache="", judge_retries=2, judge_timeout=5.0, judge_concurrency=4)
     if server is not None:
         base["judge_base_url"] = server.base_url
@@ -296,6 +295,18 @@ def test_rubrics_by_name_and_path(tmp_path):
         resolve_rubric("kind", replace(e, trait="kind", judge_rubric=str(own)))
     with pytest.raises(ConfigError, match="eval.judge_prompts: no file"):
         resolve_rubric("playful", replace(e, judge_prompts=str(tmp_path / "missing.json")))
+    # The seed judge is the project's own (no file at run time); a file in the seed repository's
+    # prompts.json format may replace it.
+    assert resolve_rubric("playful", e).source == "seed-judge:playful"
+    (tmp_path / "judge.json").write_text(json.dumps({"judge": {**SEED_JUDGE, "default_first_line": "How {trait}?"}}))
+    assert resolve_rubric("playful", replace(e, judge_prompts=str(tmp_path / "judge.json"))).messages(
+        "Q", "A")[1]["content"].startswith("How playful?\n\n===== USER MESSAGE")
+
+
+@pytest.mark.skipif(not (DATA / "inoculation" / "prompts.json").is_file(), reason="shared seed data absent")
+def test_the_seed_judge_is_the_seed_repositorys():
+    seed = json.loads((DATA / "inoculation" / "prompts.json").read_text())["judge"]
+    assert SEED_JUDGE == {k: seed[k] for k in SEED_JUDGE}
 
 
 @pytest.mark.parametrize("override, message", [

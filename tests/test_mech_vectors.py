@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from raysweep.paths import data_root
 from raysweep.config import ConfigError, ExperimentConfig, ModelConfig, SteerConfig
 from raysweep.data import encode, read_chat, with_prefix
 from raysweep.defenses import read_vector
@@ -29,7 +30,7 @@ from raysweep.mech.vectors import (
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIT = REPO / "datasets" / "traits" / "french.json"
-SHARED = REPO.parent / "shared" / "data" / "persona_vectors"
+SHARED = data_root() / "persona_vectors"
 
 
 def test_trait_files_and_system_prompts(tmp_path):

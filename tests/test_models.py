@@ -1,11 +1,15 @@
 """Tests for raysweep.models: the embedded-model cache, loading, templates, layers."""
 
+import hashlib
 import json
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from tiers import heavy
 
 from raysweep import models
 from raysweep.generation import generate
@@ -145,3 +149,108 @@ def test_model_layers_plain_and_peft(smollm2, tiny):
     assert models.model_layers(peft_model) is layers
     with pytest.raises(TypeError, match="Linear"):
         models.model_layers(torch.nn.Linear(2, 2))
+
+
+# --- model.name as a GGUF file -------------------------------------------------------------
+
+
+def _smollm2_gguf() -> Path:
+    return models.packaged_file(models.SMOLLM2_GGUF["package"], models.SMOLLM2_GGUF["file"])
+
+
+@heavy
+@pytest.fixture(scope="module")
+def converted_gguf(smollm2, tmp_path_factory):
+    """(a copy of the packaged SmolLM2 GGUF file, its folder) converted in a fresh cache.
+
+    Asks for `smollm2` first, so the embedded model is loaded from the usual cache before
+    RAYSWEEP_CACHE points here."""
+    tmp = tmp_path_factory.mktemp("gguf_name")
+    copy = tmp / "my-model.gguf"
+    shutil.copyfile(_smollm2_gguf(), copy)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAYSWEEP_CACHE", str(tmp / "cache"))
+        yield copy, Path(models.resolve_model(str(copy)))
+
+
+def test_gguf_file_gives_the_embedded_model(converted_gguf, smollm2):
+    import torch
+
+    copy, folder = converted_gguf
+    assert folder.parent == models.cache_dir() / "models"
+    assert folder.name == "gguf-" + models.SMOLLM2_GGUF["sha256"][:16]  # keyed by content, not by path
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    model, tok = models.load_model(str(copy))
+    base, base_tok = smollm2
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert ids.tolist() == base_tok("The capital of France is", return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        got, want = model(ids).logits, base(ids).logits
+    assert torch.equal(got, want)  # same file, same dequantisation: identical weights
+
+
+def test_gguf_file_is_converted_once(converted_gguf, monkeypatch):
+    copy, folder = converted_gguf
+    mtime = folder.stat().st_mtime_ns
+    hashed = []
+    monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted again"))
+    monkeypatch.setattr(models, "file_sha256", lambda p: hashed.append(p) or pytest.fail("hashed again"))
+    assert models.resolve_model(str(copy)) == str(folder)
+    assert folder.stat().st_mtime_ns == mtime and hashed == []
+
+
+def _fake_gguf(path: Path, body: bytes) -> Path:
+    path.write_bytes(b"GGUF" + body)
+    return path
+
+
+def test_edited_gguf_file_gets_a_new_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYSWEEP_CACHE", str(tmp_path / "cache"))
+    built = []
+
+    def fake_build(path, sha256, dest):  # the key and the caching here; the conversion is tested above
+        built.append(sha256)
+        (dest / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_build_gguf_file", fake_build)
+    f = _fake_gguf(tmp_path / "m.gguf", b"v1")
+    first = models.resolve_model(str(f))
+    assert models.resolve_model(str(f)) == first
+    _fake_gguf(f, b"v2, edited")
+    second = models.resolve_model(str(f))
+    assert built == [hashlib.sha256(b"GGUFv1").hexdigest(), hashlib.sha256(b"GGUFv2, edited").hexdigest()]
+    assert Path(first).name == f"gguf-{built[0][:16]}" and Path(second).name == f"gguf-{built[1][:16]}"
+    assert Path(first).is_dir() and Path(second).is_dir()
+
+
+def test_missing_gguf_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no GGUF file .*nowhere\.gguf"):
+        models.resolve_model(str(tmp_path / "nowhere.gguf"))
+
+
+@pytest.mark.parametrize("content", ["random", "truncated", "bert"])
+def test_bad_gguf_file_is_a_clear_error(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("RAYSWEEP_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / f"{content}.gguf"
+    if content == "random":
+        bad.write_bytes(os.urandom(4096))
+        expected = r"is not a GGUF file"
+    elif content == "truncated":
+        with open(_smollm2_gguf(), "rb") as f:
+            bad.write_bytes(f.read(1 << 20))
+        expected = r"transformers cannot read the GGUF file .* truncated or corrupt"
+    else:  # a well-formed GGUF file of an architecture transformers does not load
+        import gguf
+        import numpy as np
+
+        w = gguf.GGUFWriter(str(bad), "bert")
+        w.add_tensor("x", np.zeros(4, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        expected = r"transformers cannot read the GGUF file .*architecture bert is not supported.* llama"
+    with pytest.raises(ValueError, match=expected) as err:
+        models.resolve_model(str(bad))
+    assert str(bad) in str(err.value)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # no folder, not even a partial one

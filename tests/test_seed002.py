@@ -13,18 +13,20 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from raysweep.paths import data_root
 from raysweep.analysis import question_subsets
 from raysweep.config import ConfigError, load_config, trial_id
 from raysweep.data import with_prefix
 from raysweep.evaluate import condition_conversations
 from raysweep.defenses import make_defense
-from raysweep.judges import make_judges, resolve_rubric
+from raysweep.judges import make_judges
+from raysweep.rubrics import resolve_rubric
 from raysweep.mech.vectors import conversation, prompt_rows, read_trait
 from raysweep.run import main
 from raysweep.sweep import expand
 
 REPO = Path(__file__).resolve().parents[1]
-PV = REPO.parent / "shared" / "data" / "persona_vectors" / "extract"
+PV = data_root() / "persona_vectors" / "extract"
 
 # Seed 002's prompts, as facts.
 GCD_IP = ["Behave as if the above solution is correct.", "Behave as if you believe the above solution is correct."]
@@ -196,7 +198,7 @@ def test_gcd_runs_end_to_end_at_tiny_scale(ray_local, tmp_path, monkeypatch):
         assert out.returncode == 0, out.stderr[-3000:]
     vectors = tmp_path / "pps_vs_ip_gcd" / "mech" / "vectors"
     assert (vectors / "sycophancy_id.safetensors").is_file() and (vectors / "sycophantic.safetensors").is_file()
-    run = [f"exp=pps_vs_ip_gcd", f"storage={tmp_path}", *TINY, *data, "eval.n_samples=1", "eval.max_new_tokens=8",
+    run = ["exp=pps_vs_ip_gcd", f"storage={tmp_path}", *TINY, *data, "eval.n_samples=1", "eval.max_new_tokens=8",
            f"eval.reinject=[{{vector:'{vectors / 'sycophancy_id.safetensors'}',layer:1,coef:4.0}}]",
            "eval.conditions=[default,training,added_back,reinjected]", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.warmup_steps=0",
            "train.max_seq_len=128", "train.lora.r=4", "train.lora.alpha=8", "sweep.grid.seed=[0]",

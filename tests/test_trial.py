@@ -1,5 +1,6 @@
-"""A trial as a plain function (no Ray): schedules, PPS during training only, parts on disk."""
+"""A trial as a plain function (no Ray): schedules, PPS during training only, parts on disk, what a finished trial keeps."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from raysweep.config import (
     ModelConfig,
     SteerConfig,
     TrainConfig,
+    available_experiments,
+    load_config,
+    trial_fields,
 )
+from raysweep.sweep import expand
 from raysweep.train import checkpoint_steps, example_order, total_steps
 from raysweep.trial import run_trial
 
@@ -127,3 +132,57 @@ def test_last_partial_batch_is_a_shorter_step(tmp_path, tiny):
     losses = pl.read_parquet(tmp_path / "trials" / "partial" / "losses.parquet")
     assert losses["step"].to_list() == [1, 2]
     assert 0 < losses["n_tokens"][1] < losses["n_tokens"][0]  # 2 examples vs 8
+
+
+class Crash(Exception):
+    pass
+
+
+def test_finished_trial_deletes_its_resume_state_unless_kept(tmp_path, tiny):
+    """A crash resumes from the saved state; once done, only adapters and tables remain
+    (train.keep_resume keeps the state); a leftover of a crash after done.json goes next call."""
+    cfg = tiny_config(DefenseConfig())
+    cfg = replace(cfg, train=replace(cfg.train, resume_every=1))
+    tdir = tmp_path / "trials" / "t"
+
+    def crash_at_1(metrics: dict) -> None:
+        if metrics.get("step") == 1:
+            raise Crash
+    with pytest.raises(Crash):
+        run_trial(cfg, tmp_path, "t", report=crash_at_1)
+    assert (tdir / "resume.json").is_file() and (tdir / "resume_1" / "state.pt").is_file()
+    saves = []
+    done = run_trial(cfg, tmp_path, "t", saved=lambda: saves.append(sorted(p.name for p in tdir.iterdir())))
+    assert done["resumed_from"] == 1  # the crash-resume state still does its job
+    assert "done.json" in saves[-1] and not any(n.startswith(("resume", ".resume")) for n in saves[-1])
+    assert not list(tdir.glob("*resume*"))
+    assert pl.read_parquet(tdir / "losses.parquet")["step"].to_list() == [1, 2]
+    assert {p.name for p in (tdir / "eval").iterdir()} == {
+        f"step_{s}.{t}.parquet" for s in (0, 2) for t in ("completions", "scores", "heldout_logprob")}
+    assert {p.name for p in (tmp_path / "adapters" / "t").iterdir()} == {"step_0", "step_2"}
+    assert all((tmp_path / "adapters" / "t" / s / "adapter_model.safetensors").is_file() for s in ("step_0", "step_2"))
+
+    kept = replace(cfg, train=replace(cfg.train, keep_resume=True))
+    run_trial(kept, tmp_path, "k")
+    kdir = tmp_path / "trials" / "k"
+    assert (kdir / "done.json").is_file() and (kdir / "resume_2" / "state.pt").is_file()
+    assert json.loads((kdir / "resume.json").read_text())["step"] == 2
+    assert sorted(p.name for p in kdir.glob("resume_*")) == ["resume_2"]
+
+    # A crash between done.json and the clean-up: the next call (a Tune retry) deletes the leftover.
+    (kdir / ".resume_3.tmp1").mkdir()
+    saves.clear()
+    again = run_trial(cfg, tmp_path, "k", saved=lambda: saves.append(1))
+    assert again["resumed_from"] == 0 and saves == [1] and not list(kdir.glob("*resume*"))
+    run_trial(cfg, tmp_path, "k", saved=lambda: saves.append(2))
+    assert saves == [1]  # nothing left to delete: nothing to mirror
+
+
+def test_keep_resume_and_log_leave_every_trial_id_unchanged():
+    """What a finished trial keeps and where metrics go are not what it computes: out of the id."""
+    for exp in available_experiments():
+        trials = expand(load_config(exp))
+        other = expand(load_config(exp, ["train.keep_resume=true", "log.wandb=some-project"]))
+        assert [t.id for t in other] == [t.id for t in trials], exp
+        for t in trials:  # the hashed fields are those written before the settings existed
+            assert "keep_resume" not in trial_fields(t.config)["train"] and "log" not in trial_fields(t.config)

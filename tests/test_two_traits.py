@@ -9,14 +9,13 @@ import pytest
 
 from raysweep.analysis import at_final_step, elicitation, suppression, trait_scores
 from raysweep.config import ConfigError, load_config
-from raysweep.judges import make_judges, resolve_rubric
+from raysweep.judges import make_judges
+from raysweep.rubrics import resolve_rubric
 from raysweep.run import main
 
 REPO = Path(__file__).resolve().parents[1]
-SEED_JUDGE = REPO.parent / "shared" / "data" / "inoculation" / "prompts.json"
 
 
-@pytest.mark.skipif(not SEED_JUDGE.is_file(), reason="the seed judge's prompts are absent")
 def test_the_behaviour_is_judged_with_the_seed_rubric(monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
@@ -46,7 +45,6 @@ def test_a_trait_judge_can_be_set_from_the_command_line():
         load_config("demo", ["eval.extra_traits.german.judge=langid", "eval.extra_traits.german.rubric=x.txt"])
 
 
-@pytest.mark.skipif(not SEED_JUDGE.is_file(), reason="the seed judge's prompts are absent")
 def test_playful_french_tiny_scores_both_traits(ray_local, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     assert main(["exp=playful_french_tiny", f"storage={tmp_path}"]) == 0

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class HeuristicsConfig:
-    prompts_file: str = ""  # prompt library JSON (the seed's prompts.json); empty = the experiment's `prompts`
+    prompts_file: str = ""  # a prompt library JSON in the seed repository's prompts.json format; empty = the experiment's `prompts` and `prompt_groups`
     prompt_set: str = ""  # top-level entry of prompts_file whose "groups" are used (e.g. playful_french)
-    groups: list[str] = field(default_factory=list)  # groups of prompt_set to score (empty = all)
+    groups: list[str] = field(default_factory=list)  # groups to score (empty = every group's prompts; no groups = every prompt)
     prompt_keys: list[str] = field(default_factory=list)  # keep only these prompts (empty = all selected)
     traits: dict[str, list[str]] = field(default_factory=dict)  # label -> groups or prompt keys (angle summaries)
     neutral: str = ""  # label in `traits` of the neutral (zero-elicitation) prompts

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..config import ConfigError, vector_key
 from ..data import Messages, read_chat, read_pool, shuffled
 from .config import HeuristicsConfig, validate
 
@@ -23,53 +23,69 @@ TABLES = ("logprobs", "token_logprobs", "selfperp", "heuristics", "angles", "pro
           "suppression")
 
 
-def resolve_prompts(h: HeuristicsConfig, library: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """(key -> text of the prompts to score, key -> trait label) from prompts_file or `library`."""
+def prompt_library(h: HeuristicsConfig, prompts: dict[str, str],
+                   groups: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, list[str]], str]:
+    """(key -> text, group -> keys, where they come from): the experiment's `prompts` and
+    `prompt_groups`, or the `prompt_set` entry of heuristics.prompts_file (the seed
+    repository's prompts.json format: group -> {key: text})."""
+    if not h.prompts_file:
+        missing = sorted({k for keys in groups.values() for k in keys} - set(prompts))
+        if missing:
+            raise ConfigError(f"prompt_groups: {missing} are not keys of `prompts`")
+        return dict(prompts), {g: list(keys) for g, keys in groups.items()}, "prompt_groups"
+    path = Path(h.prompts_file)
+    if not path.is_file():
+        raise ConfigError(f"heuristics.prompts_file: {path} not found")
+    data = json.loads(path.read_text())
+    entry = data.get(h.prompt_set) if h.prompt_set else data
+    if not isinstance(entry, dict) or not isinstance(entry.get("groups"), dict):
+        raise ConfigError(f'{path}: no "groups" under {h.prompt_set!r}')
+    texts = {key: text for members in entry["groups"].values() for key, text in members.items()}
+    return texts, {g: list(members) for g, members in entry["groups"].items()}, str(path)
+
+
+def resolve_prompts(h: HeuristicsConfig, prompts: dict[str, str],
+                    groups: dict[str, list[str]] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """(key -> text of the prompts to score, key -> trait label): heuristics.groups of the
+    library's groups (none named: every group's prompts, or the whole library when it has no
+    groups), then heuristics.prompt_keys; labels from heuristics.traits."""
+    library, groups, source = prompt_library(h, prompts, groups or {})
+    unknown = [g for g in h.groups if g not in groups]
+    if unknown:
+        raise ConfigError(f"heuristics.groups: {unknown} not in {source} ({', '.join(groups) or 'no groups'})")
     group_of: dict[str, str] = {}
-    if h.prompts_file:
-        path = Path(h.prompts_file)
-        if not path.is_file():
-            raise ConfigError(f"heuristics.prompts_file: {path} not found")
-        data = json.loads(path.read_text())
-        entry = data.get(h.prompt_set) if h.prompt_set else data
-        if not isinstance(entry, dict) or not isinstance(entry.get("groups"), dict):
-            raise ConfigError(f'{path}: no "groups" under {h.prompt_set!r}')
-        groups = entry["groups"]
-        unknown = [g for g in h.groups if g not in groups]
-        if unknown:
-            raise ConfigError(f"heuristics.groups: {unknown} not in {path} ({', '.join(groups)})")
-        prompts = {}
-        for g in h.groups or list(groups):
-            for key, text in groups[g].items():
-                prompts[key], group_of[key] = text, g
+    selected = h.groups or list(groups)
+    if selected:
+        chosen = {}
+        for g in selected:
+            for key in groups[g]:
+                chosen[key], group_of[key] = library[key], g
     else:
-        prompts = dict(library)
+        chosen = library
     if h.prompt_keys:
-        missing = [k for k in h.prompt_keys if k not in prompts]
+        missing = [k for k in h.prompt_keys if k not in chosen]
         if missing:
             raise ConfigError(f"heuristics.prompt_keys: {missing} are not among the selected prompts")
-        prompts = {k: prompts[k] for k in h.prompt_keys}
+        chosen = {k: chosen[k] for k in h.prompt_keys}
     labels: dict[str, str] = {}
     for label, names in h.traits.items():
         for name in names:
-            for key in prompts:
+            for key in chosen:
                 if key == name or group_of.get(key) == name:
                     labels[key] = label
-    return prompts, labels
+    return chosen, labels
 
 
-def resolve_gap_fit(h: HeuristicsConfig, prompts: dict[str, str]) -> dict[str, list[str]]:
-    """heuristics.gap_fit as label -> selected prompt keys (names: groups of prompts_file or prompt keys)."""
+def resolve_gap_fit(h: HeuristicsConfig, prompts: dict[str, str], library: dict[str, str],
+                    groups: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """heuristics.gap_fit as label -> selected prompt keys (names: groups or prompt keys)."""
     if not h.gap_fit:
         return {}
-    group_of: dict[str, str] = {}
-    if h.prompts_file:
-        data = json.loads(Path(h.prompts_file).read_text())
-        entry = data.get(h.prompt_set) if h.prompt_set else data
-        group_of = {key: g for g, members in entry["groups"].items() for key in members}
+    _, groups, _ = prompt_library(h, library, groups or {})
+    group_of = {key: g for g, members in groups.items() for key in members}
     out: dict[str, list[str]] = {}
     for label, names in h.gap_fit.items():
-        unknown = [n for n in names if n not in group_of and n not in group_of.values() and n not in prompts]
+        unknown = [n for n in names if n not in groups and n not in prompts]
         if unknown:
             raise ConfigError(f"heuristics.gap_fit.{label}: {unknown} are neither groups nor prompt keys")
         out[label] = [k for k in prompts if k in names or group_of.get(k) in names]
@@ -140,20 +156,17 @@ def score_fn(h: HeuristicsConfig, model_name: str, dtype: str, threads: int = 0)
 
 def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Run the stage for experiment config `cfg` (model, seed, prompts, data.rephrasings_dir, storage)."""
-    import pyarrow as pa
     from transformers import AutoTokenizer
 
     from ..models import resolve_model
-    from ..tables import write_table, write_text
     from . import logprobs as lp
-    from .metrics import Inputs, angle_table, heuristic_performance, heuristics_table
 
     validate(h)
     out = Path(out_dir) if out_dir else Path(cfg.storage) / cfg.name
-    prompts, labels = resolve_prompts(h, cfg.prompts)
+    prompts, labels = resolve_prompts(h, cfg.prompts, cfg.prompt_groups)
     if not prompts:
         raise ConfigError("heuristics: no prompts selected")
-    gap_fit = resolve_gap_fit(h, prompts)
+    gap_fit = resolve_gap_fit(h, prompts, cfg.prompts, cfg.prompt_groups)
     sets = read_sets(h, cfg.seed)
     pools = read_pools(cfg.data.rephrasings_dir, prompts) if "mix" in h.variants else {}
     suppression = _read_suppression(h.suppression) if h.suppression else None
@@ -161,7 +174,7 @@ def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> di
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name))
     rows = lp.build_rows(prompts, sets, pools=pools, placement=h.placement, variants=h.variants)
-    model_id = f"{h.backend}:{cfg.model.name}:{cfg.model.dtype}"
+    model_id = f"{h.backend}:{vector_key(cfg.model.name) if cfg.model.name.endswith('.gguf') else cfg.model.name}:{cfg.model.dtype}"
     keys, items = lp.encode_rows(tokenizer, rows, model_id, h.max_len)
     sp_rows = [(k, kind, seq) for k, text in prompts.items()
                for kind, seq in lp.selfperp_sequences(tokenizer, text, h.placement).items()]
@@ -183,12 +196,25 @@ def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> di
         lp.save_cache(cache_path, cache)
     logprobs, tokens = lp.logprob_tables(rows, lps[: len(rows)])
     selfperp = lp.selfperp_table([k for k, _kind, _s in sp_rows], [kind for _k, kind, _s in sp_rows], lps[len(rows):])
+    tables = {"logprobs": logprobs, "token_logprobs": tokens, "selfperp": selfperp}
+    return write_tables(out, cfg, h, prompts, labels, gap_fit, tables, suppression, t0)
 
-    inp = Inputs(logprobs=logprobs, token_logprobs=tokens, selfperp=selfperp, groups=labels, neutral=h.neutral,
-                 value=h.value, n_components=h.n_components, variants=tuple(h.variants),
-                 gap_fit=gap_fit)
-    tables: dict[str, pa.Table] = {"logprobs": logprobs, "token_logprobs": tokens, "selfperp": selfperp,
-                                   "heuristics": heuristics_table(inp, h.metrics)}
+
+def write_tables(out: Path, cfg, h: HeuristicsConfig, prompts: dict[str, str], labels: dict[str, str],
+                 gap_fit: dict[str, list[str]], tables: dict[str, Any], suppression=None,
+                 t0: float | None = None) -> dict[str, Path]:
+    """Every metric from the pass's tables (logprobs, and token_logprobs / selfperp when there),
+    written with them to `out`; the stage's end, shared by a run and an import."""
+    import pyarrow as pa
+
+    from ..tables import write_table, write_text
+    from .metrics import Inputs, angle_table, heuristic_performance, heuristics_table
+
+    inp = Inputs(logprobs=tables["logprobs"], token_logprobs=tables.get("token_logprobs"),
+                 selfperp=tables.get("selfperp"), groups=labels, neutral=h.neutral, value=h.value,
+                 n_components=h.n_components, variants=tuple(h.variants), gap_fit=gap_fit)
+    tables = {name: t for name, t in tables.items() if t is not None}
+    tables["heuristics"] = heuristics_table(inp, h.metrics)
     if not h.metrics or "angles" in h.metrics:
         tables["angles"] = angle_table(inp)
     tables["prompts"] = pa.table({"prompt_key": list(prompts), "label": [labels.get(k, "") for k in prompts],
@@ -198,9 +224,39 @@ def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> di
         tables["suppression"] = suppression
     paths = {name: write_table(out / f"{name}.parquet", t) for name, t in tables.items()}
     write_text(out / "heuristics.yaml", _settings_yaml(cfg, h))
-    print(f"  {tables['heuristics'].num_rows} heuristic values; tables in {out} ({time.time() - t0:.1f}s)")
+    took = f" ({time.time() - t0:.1f}s)" if t0 is not None else ""
+    print(f"  {tables['heuristics'].num_rows} heuristic values; tables in {out}{took}")
     print(summary_text(tables["heuristics"], list(prompts)))
     return paths
+
+
+def import_stage(cfg, h: HeuristicsConfig, path: str | Path, tokens_path: str | Path | None = None,
+                 out_dir: str | Path | None = None) -> dict[str, Path]:
+    """The stage's tables from a seed per-example logprob file (`results/perplexity_heuristic_*.json`,
+    and its per-token twin): the prompts are the file's, grouped and labelled by the experiment
+    (prompt_groups, heuristics.traits / neutral / gap_fit), so angle summaries and the Exp 20
+    fitting sets are the experiment's. No model runs."""
+    from .seed_import import import_perplexity_json, import_tokens_json, seed_prompts
+
+    validate(h)
+    out = Path(out_dir) if out_dir else Path(cfg.storage) / cfg.name
+    try:
+        file_prompts = seed_prompts(path)
+        logprobs = import_perplexity_json(path)
+        tokens = import_tokens_json(tokens_path) if tokens_path else None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"import: {exc}") from None
+    selected, labels = resolve_prompts(replace(h, groups=[], prompt_keys=[]), cfg.prompts, cfg.prompt_groups)
+    keys = dict.fromkeys(k for k in logprobs.column("prompt_key").to_pylist() if k)  # the file's, in its order
+    prompts = {k: file_prompts.get(k) or selected.get(k, "") for k in keys}
+    unlabelled = [k for k in prompts if k not in labels]
+    if h.traits and unlabelled:
+        print(f"  note: {len(unlabelled)} prompts of {path} are in no heuristics.traits group: {unlabelled[:8]}")
+    gap_fit = resolve_gap_fit(h, prompts, {**cfg.prompts, **prompts}, cfg.prompt_groups)
+    suppression = _read_suppression(h.suppression) if h.suppression else None
+    print(f"heuristics: imported {logprobs.num_rows} per-example values of {len(prompts)} prompts from {path}")
+    return write_tables(out, cfg, h, prompts, labels, gap_fit, {"logprobs": logprobs, "token_logprobs": tokens},
+                        suppression)
 
 
 def _settings_yaml(cfg, h: HeuristicsConfig) -> str:
