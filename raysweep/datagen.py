@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
+from .errors import ConfigError
 from .data import Messages, question_messages, read_pool, read_questions, with_prefix
 from .tables import write_text
 
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             questions = read_questions(args.questions, args.limit)
             judge = None
             if args.judge:
-                from .config import EvalConfig
+                from .config.schema import EvalConfig
                 from .judges import make_judge
 
                 settings = EvalConfig(judge=args.judge, trait=args.trait, judge_model=args.judge_model,

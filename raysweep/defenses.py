@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Protocol
 
-from .config import ConfigError, DefenseConfig, SteerConfig
+from .errors import ConfigError
+from .config.schema import DefenseConfig, SteerConfig
 from .data import Messages, apply_ip
 
 

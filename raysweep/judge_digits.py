@@ -42,7 +42,7 @@ Messages = list[dict[str, str]]
 
 def digit_split(top: object) -> bool:
     """True when the top logprobs hold score tokens and every one is a single digit."""
-    from .judges import is_score_token
+    from .judge_scores import is_score_token
 
     if not isinstance(top, list):
         return False
@@ -127,7 +127,7 @@ def read_numbers(endpoint, conversations: list[Messages], min_mass: float,
     """(score, reason, raw) per conversation, from the digit-by-digit probabilities of '0'..'100';
     None when the judge's tokenizer keeps numbers whole (the seed's protocol reads them)."""
     from .endpoint import chat_many
-    from .judges import grade_candidates
+    from .judge_scores import grade_candidates
 
     if not conversations:
         return []

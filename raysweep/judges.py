@@ -29,10 +29,11 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from .config import ConfigError, EvalConfig
+from .errors import ConfigError
+from .config.schema import EvalConfig
+from .judge_scores import SCORE_STRINGS, Score, grade_candidates, logprob_score
 from .rubrics import EM_TRAITS, resolve_rubric
 
-Score = tuple[float, str]  # (score or NaN, reason: "" when scored)
 Messages = list[dict[str, str]]
 
 
@@ -100,42 +101,6 @@ def langid_judge(trait: str, e: EvalConfig) -> Judge:
 # The 0-100 protocol
 
 
-def is_score_token(token: str) -> bool:
-    """A token that is an integer in [0, 100] written in ASCII digits.
-
-    Seed 001: "every token that parses as an integer in [0, 100]"; the issue: exactly ASCII
-    integers. So '7', '42', '100' and '05' (= 5) count; ' 5' (whitespace), '+5', '٣' and
-    '３' (non-ASCII digits, which Python's int() would accept) do not.
-    """
-    return isinstance(token, str) and token.isascii() and token.isdigit() and int(token) <= 100
-
-
-def _mass_reason(mass: float, min_mass: float) -> str:
-    return f"probability mass on scores {mass:.3g} < eval.judge_min_mass={min_mass:g}"
-
-
-def logprob_score(top: object, min_mass: float) -> Score:
-    """Probability-weighted mean of the score tokens among the top logprobs, normalised by their mass."""
-    if top is None:
-        return math.nan, "reply has no logprobs"
-    if not isinstance(top, list) or not top:
-        return math.nan, f"malformed logprobs: expected a non-empty list, got {str(top)[:100]!r}"
-    mass = weighted = 0.0
-    for entry in top:
-        token = entry.get("token") if isinstance(entry, dict) else None
-        lp = entry.get("logprob") if isinstance(entry, dict) else None
-        if not isinstance(token, str) or isinstance(lp, bool) or not isinstance(lp, (int, float)) \
-                or math.isnan(lp) or lp > 1e-6:
-            return math.nan, f"malformed logprobs: entry {str(entry)[:100]!r}"
-        if is_score_token(token):
-            p = math.exp(lp)
-            mass += p
-            weighted += p * int(token)
-    if mass <= 0.0 or mass < min_mass:
-        return math.nan, _mass_reason(mass, min_mass)
-    return weighted / mass, ""
-
-
 def _prompt_text(messages: Messages) -> str:
     return json.dumps(messages, ensure_ascii=False)
 
@@ -190,7 +155,6 @@ def logprob_judge(trait: str, e: EvalConfig) -> Judge:
 # local
 
 
-SCORE_STRINGS = [str(n) for n in range(101)]
 
 
 def _continuation(tokenizer, messages: Messages, prompt: str, prompt_ids: list[int], answer: str) -> list[int]:
@@ -259,19 +223,6 @@ def candidate_logprobs(model, tokenizer, messages: Messages, candidates: Sequenc
     # Token j of a candidate is predicted by the node of its prefix c[:j] (the first by the prompt).
     return np.array([float(first[c[0]]) + sum(float(tree_lp[nodes[tuple(c[:j])], c[j]]) for j in range(1, len(c)))
                      for c in conts])
-
-
-def grade_candidates(logprobs: np.ndarray, min_mass: float) -> tuple[float, str, str]:
-    """(score, reason, raw) from the logprobs of the strings '0'..'100': softmax over them, weighted mean."""
-    from scipy.special import logsumexp, softmax
-
-    mass = float(np.exp(logsumexp(logprobs)))
-    p = softmax(logprobs)
-    top = {SCORE_STRINGS[i]: round(float(p[i]), 6) for i in np.argsort(-p)[:5]}
-    raw = json.dumps({"mass": mass, "top": top})
-    if mass <= 0.0 or mass < min_mass:
-        return math.nan, _mass_reason(mass, min_mass), raw
-    return float(p @ np.arange(len(p))), "", raw
 
 
 @lru_cache(maxsize=2)

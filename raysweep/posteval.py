@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ExperimentConfig
+from .config.schema import ExperimentConfig
 from .engine import Request, Result, TransformersEngine, VLLMEngine
 from .sweep import Trial
 from .tables import write_table

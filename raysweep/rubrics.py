@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, EvalConfig
+from .errors import ConfigError
+from .config.schema import EvalConfig
 from .paths import data_root
 
 Messages = list[dict[str, str]]

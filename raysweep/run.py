@@ -12,8 +12,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import ConfigError, ExperimentConfig, load_config, parse_exp_args, to_yaml
-from .engine import resolve_backend
+from .errors import ConfigError
+from .config.load import load_config, parse_exp_args
+from .config.schema import ExperimentConfig, to_yaml
+from .config.backend import resolve_backend
 from .storage import open_store
 from .sweep import Trial, check_inputs, expand, start_trial, start_trials
 from .tables import concat_parts, write_table, write_text

@@ -8,10 +8,10 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .config import (
-    ConfigError, DefenseConfig, ExperimentConfig, IPConfig, SteerConfig, SweepConfig, apply_overrides, trial_id,
-    validate_trial,
-)
+from .errors import ConfigError
+from .config.identity import trial_id
+from .config.load import validate_trial
+from .config.schema import DefenseConfig, ExperimentConfig, IPConfig, SteerConfig, SweepConfig, apply_overrides
 
 
 @dataclass(frozen=True)

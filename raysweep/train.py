@@ -10,7 +10,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from .config import TrainConfig
+from .config.schema import TrainConfig
 from .data import Encoded
 
 

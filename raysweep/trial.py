@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ExperimentConfig, to_yaml
+from .config.schema import ExperimentConfig, to_yaml
 from .tables import write_json, write_table, write_text
 
 Report = Callable[[dict[str, Any]], None]
@@ -149,7 +149,7 @@ def run_trial(
     from .analysis import step_metrics
     from .data import encode, read_chat, read_questions, shuffled
     from .defenses import make_defense
-    from .engine import resolve_backend
+    from .config.backend import resolve_backend
     from .evaluate import evaluate_step
     from .judges import make_judges
     from .mech.grad import gradient_manipulation, load_grad_vectors

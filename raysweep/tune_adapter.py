@@ -1,4 +1,6 @@
-"""The only module that touches Ray's APIs (they drift between releases).
+"""The only module that touches Ray's APIs (they drift between releases): Tune for sweeps,
+Ray Data jobs (an actor pool; a ray.data.llm vLLM processor) for batch stages, and
+`ensure_ray`, the one way a stage starts or joins Ray.
 
 Each trial of a sweep becomes one Ray Tune trial running `trial.run_trial`; metrics go
 to Tune every logging step (dashboard, TensorBoard; W&B with log.wandb). Crashed trials
@@ -10,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
-from .config import SweepConfig, check_logging, from_dict
+from .config.load import check_logging
+from .config.schema import SweepConfig, from_dict
 from .storage import Store, is_uri, open_experiment
 from .sweep import Trial
 from .trial import Report
@@ -80,6 +84,30 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
         # "local": always a new instance; a bare ray.init() would attach to the last cluster
         # that `ray start` launched on this machine, even a dead one.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, configure_logging=False)
+
+
+def map_with_actor_pool(rows: list[dict[str, Any]], actor: type, actor_kwargs: dict[str, Any], *, concurrency: int,
+                        batch_rows: int, num_cpus: float, num_gpus: float):
+    """One Ray Data job: `rows` through a pool of `concurrency` `actor`s (each built once with
+    `actor_kwargs`, called on pyarrow batches of `batch_rows`); the results as one Arrow table,
+    rows in the order they came back. Needs a running Ray (ensure_ray)."""
+    import pyarrow as pa
+    import ray
+
+    out = ray.data.from_items(rows).map_batches(
+        actor, fn_constructor_kwargs=actor_kwargs, compute=ray.data.ActorPoolStrategy(size=concurrency),
+        batch_size=batch_rows, batch_format="pyarrow", num_cpus=num_cpus, num_gpus=num_gpus)
+    return pa.concat_tables(ray.get(out.to_arrow_refs()))
+
+
+def run_llm_job(processor_config: dict[str, Any], rows: list[dict[str, Any]], postprocess) -> list[dict[str, Any]]:
+    """One ray.data.llm job: `rows` through a vLLM engine processor built from `processor_config`
+    (vLLMEngineProcessorConfig's fields), each output row through `postprocess`. Needs a running Ray."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    processor = build_processor(vLLMEngineProcessorConfig(**processor_config), postprocess=postprocess)
+    return processor(ray.data.from_items(rows)).take_all()
 
 
 def _keep_credentials_out_of_ray() -> None:

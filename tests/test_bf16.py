@@ -595,7 +595,8 @@ def test_vector_extraction_matches_fp32(tiny, tiny16, convs, tmp_path):
 
 
 def test_local_judge_matches_fp32(tiny, tiny16):
-    from raysweep.judges import SCORE_STRINGS, candidate_logprobs, grade_candidates
+    from raysweep.judge_scores import SCORE_STRINGS, grade_candidates
+    from raysweep.judges import candidate_logprobs
     from raysweep.rubrics import resolve_rubric
 
     e = EvalConfig()

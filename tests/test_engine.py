@@ -15,7 +15,8 @@ import polars as pl
 import pytest
 
 from raysweep.config import ConfigError, load_config
-from raysweep.engine import Request, TransformersEngine, VLLMEngine, check_requests, resolve_backend, vllm_available
+from raysweep.config.backend import resolve_backend, vllm_available
+from raysweep.engine import Request, TransformersEngine, VLLMEngine, check_requests
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "datasets" / "french_demo"

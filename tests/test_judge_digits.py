@@ -21,7 +21,8 @@ from tiers import heavy
 from raysweep.config import EvalConfig
 from raysweep.endpoint import EndpointConfig, chat_many
 from raysweep.judge_digits import DIGITS, _children, digit_split, turn_token_ids
-from raysweep.judges import JUDGE_SAMPLING, SCORE_STRINGS, logprob_score, make_judge
+from raysweep.judge_scores import SCORE_STRINGS, logprob_score
+from raysweep.judges import JUDGE_SAMPLING, make_judge
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"

@@ -24,14 +24,8 @@ from raysweep.config import ConfigError, EvalConfig, load_config
 from raysweep.endpoint import EndpointConfig, chat_many
 from raysweep.evaluate import score_rows
 from raysweep.judge_cache import JudgeCache
-from raysweep.judges import (
-    SCORE_STRINGS,
-    candidate_logprobs,
-    grade_candidates,
-    is_score_token,
-    make_judge,
-    make_judges,
-)
+from raysweep.judge_scores import SCORE_STRINGS, grade_candidates, is_score_token
+from raysweep.judges import candidate_logprobs, make_judge, make_judges
 from raysweep.rubrics import EM_RUBRICS, SEED_JUDGE, resolve_rubric
 from raysweep.tables import read_table, write_table
 

@@ -134,7 +134,7 @@ def test_extract_with_a_real_judge(tiny, tmp_path):
         extract(model, tok, replace(cfg, mech=replace(cfg.mech, extract=replace(x, pos_min=101.0))), tmp_path)
 
 
-@pytest.mark.skipif(not __import__("raysweep.engine", fromlist=["x"]).vllm_available(), reason="vllm is not installed")
+@pytest.mark.skipif(not __import__("raysweep.config.backend", fromlist=["x"]).vllm_available(), reason="vllm is not installed")
 def test_transformers_and_vllm_extractions_agree(ray_local, smollm2, tmp_path):
     """Greedy answers from both engines are the same text, so the vectors agree (SmolLM2: the
     random model's greedy answers are blank, which no judge scores)."""

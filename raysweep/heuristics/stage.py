@@ -15,7 +15,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, vector_key
+from ..errors import ConfigError
+from ..config.identity import vector_key
 from ..data import Messages, read_chat, read_pool, shuffled
 from .config import HeuristicsConfig, validate
 

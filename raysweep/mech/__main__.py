@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from ..config import ConfigError, stage_main
+from ..errors import ConfigError
+from ..config.load import stage_main
 
 USAGE = "usage: python -m raysweep.mech exp=NAME [key=value ...]   (dry_run=true prints the plan)"
 

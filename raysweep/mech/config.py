@@ -81,7 +81,7 @@ class MechConfig:
 
 def validate(m: MechConfig, prompts: dict[str, str]) -> None:
     """Checks that types alone cannot express; each error names its key."""
-    from ..config import ConfigError
+    from ..errors import ConfigError
 
     for a in m.analyses:
         if a not in ANALYSES:

@@ -67,7 +67,8 @@ def gradient_manipulation(model, vectors: dict[int, object], mode: str) -> Itera
 
 def load_grad_vectors(cfg, model) -> dict[int, object]:
     """layer -> [hidden] vector for `defense.grad` (every decoder layer when `layers` is empty)."""
-    from ..config import ConfigError, SteerConfig
+    from ..errors import ConfigError
+    from ..config.schema import SteerConfig
     from ..defenses import read_vector
     from ..models import model_layers
 

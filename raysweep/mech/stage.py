@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data import read_chat, shuffled
 from .config import MechCondition, MechConfig, validate
 from .passes import Condition
@@ -77,17 +77,17 @@ def build_condition(c: MechCondition, prompts: dict[str, str], tables: dict[str,
 
 def _answers(model, tok, cfg, conversations: list) -> list[str]:
     """Replies under `mech.extract`'s sampling settings, from the loaded model or a vLLM engine."""
-    from ..engine import Request, VLLMEngine, resolve_backend
+    from ..config.backend import resolve_backend
+    from ..engine import Request, VLLMEngine
     from ..generation import generate
 
     x = cfg.mech.extract
     if resolve_backend(x.backend) == "transformers":
         return generate(model, tok, conversations, max_new_tokens=x.max_new_tokens, temperature=x.temperature,
                         top_p=x.top_p, seed=cfg.seed, batch_size=cfg.mech.batch_size)
-    import ray
+    from ..tune_adapter import ensure_ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+    ensure_ray()  # RAY_ADDRESS, else a new local Ray: never a stale `ray start` cluster
     engine = VLLMEngine(cfg.model.name, cfg.model.dtype, num_gpus=1 if _device(cfg.mech) == "cuda" else 0, seed=cfg.seed)
     requests = [Request(messages=c, max_new_tokens=x.max_new_tokens, temperature=x.temperature, top_p=x.top_p,
                         seed=cfg.seed) for c in conversations]

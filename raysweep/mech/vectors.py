@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data import Messages
 from .passes import Condition, common_suffix, encode_all, run_pass
 
