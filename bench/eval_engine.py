@@ -28,7 +28,7 @@ def make_adapters(n: int, root: Path) -> list[str]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from raysweep.models import load_model
+    from raysweep.train.models import load_model
 
     paths = []
     for k in range(n):
@@ -58,7 +58,7 @@ def main() -> None:
     import torch
 
     from raysweep.data import question_messages, read_questions
-    from raysweep.engine import Request, TransformersEngine, VLLMEngine
+    from raysweep.eval.engine import Request, TransformersEngine, VLLMEngine
 
     torch.set_num_threads(args.threads)
     questions = read_questions(REPO / "datasets" / "french_demo" / "eval_questions.jsonl", args.prompts)

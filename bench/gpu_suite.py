@@ -213,7 +213,7 @@ def sec_lora(run: Run) -> None:
 
     from raysweep.config import TrainConfig
     from raysweep.data import Encoded
-    from raysweep.train import Collator, add_lora, make_optimizer, train_step
+    from raysweep.train.step import Collator, add_lora, make_optimizer, train_step
 
     cfg = TrainConfig()  # r64, alpha 128, all 7 linear projections: what a trial trains
     model = add_lora(run.model().train(), cfg, seed=0)
@@ -238,7 +238,7 @@ def sec_lora(run: Run) -> None:
 def sec_generate(run: Run) -> None:
     import torch
 
-    from raysweep.generation import _generation_config
+    from raysweep.eval.generation import _generation_config
 
     model = run.model()
     bs, plen, new = run.w["gen"]

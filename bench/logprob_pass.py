@@ -111,7 +111,7 @@ def main() -> None:
     else:
         from transformers import AutoTokenizer
 
-        from raysweep.models import resolve_model
+        from raysweep.train.models import resolve_model
 
         seqs = bench_rows(AutoTokenizer.from_pretrained(resolve_model(args.model)), args.examples)
     if args.save_rows:
@@ -123,7 +123,7 @@ def main() -> None:
         model = random_model(args.arch, args.layers, args.dtype, args.device)
         name = f"random {args.arch}" + (f" ({args.layers} layers)" if args.layers else "")
     else:
-        from raysweep.models import load_model
+        from raysweep.train.models import load_model
 
         model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
         name = args.model

@@ -38,7 +38,7 @@ sweep:
 
 def run(project: Path, *args: str) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "raysweep.run", "exp=bench", *args], cwd=project,
+    proc = subprocess.run([sys.executable, "-m", "raysweep.sweep.run", "exp=bench", *args], cwd=project,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])

@@ -75,7 +75,7 @@ def _torch_threads():
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32 on CPU."""
-    from raysweep.models import load_model
+    from raysweep.train.models import load_model
 
     return load_model("smollm2-135m-instruct")
 
@@ -84,7 +84,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the seeded random 2-layer Llama with the SmolLM2 tokenizer."""
-    from raysweep.models import load_model
+    from raysweep.train.models import load_model
 
     return load_model("tiny-random")
 
@@ -96,7 +96,7 @@ def ray_local():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from raysweep.models import resolve_model
+    from raysweep.train.models import resolve_model
 
     resolve_model("tiny-random")  # build the cache once, before trials race for it
     ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)

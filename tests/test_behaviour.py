@@ -13,11 +13,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from raysweep.analysis import behaviour_matrix
+from raysweep.analysis.stats import behaviour_matrix
 from raysweep.config import ConfigError, load_config, trial_id
-from raysweep.run import main
-from raysweep.sweep import check_inputs, expand, start_trial
-from raysweep.trial import run_trial
+from raysweep.sweep.run import main
+from raysweep.sweep.expand import check_inputs, expand, start_trial
+from raysweep.train.trial import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 EXP = "pps_vs_ip_behaviour_tiny"
@@ -137,7 +137,7 @@ def test_rerun_trains_nothing(behaviour_run, capsys, monkeypatch):
 
 
 def test_behaviour_matrix_and_report_from_the_run(behaviour_run):
-    from raysweep.report import build_report
+    from raysweep.report.page import build_report
 
     exp = behaviour_run
     trials = pl.read_parquet(exp / "trials.parquet")

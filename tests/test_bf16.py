@@ -41,7 +41,7 @@ from raysweep.config import (
     load_config,
 )
 from raysweep.data import encode, read_chat, shuffled, with_prefix
-from raysweep.models import model_layers
+from raysweep.train.models import model_layers
 from test_trial import tiny_config  # the trial config of the trial tests (tiny-random, 2 steps)
 
 pytestmark = [pytest.mark.bf16, pytest.mark.integration]
@@ -121,7 +121,7 @@ JUDGE_SCORE_TOL = 5e-3  # score points
 @pytest.fixture(scope="module")
 def tiny16():
     """(model, tokenizer) of tiny-random in bfloat16, once for this module."""
-    from raysweep.models import load_model
+    from raysweep.train.models import load_model
 
     model, tok = load_model("tiny-random", "bfloat16")
     assert model.dtype == BF16
@@ -157,22 +157,22 @@ def residual_dtypes(model):
 @contextlib.contextmanager
 def loaded_models_residual():
     """For stages that load their own model (trial, heuristics, mech stage): every model that
-    `raysweep.models.load_model` loads inside the block records its residual dtypes in the set."""
-    import raysweep.models
+    `raysweep.train.models.load_model` loads inside the block records its residual dtypes in the set."""
+    import raysweep.train.models
 
     seen: set = set()
-    real = raysweep.models.load_model
+    real = raysweep.train.models.load_model
 
     def load(*args, **kwargs):
         model, tok = real(*args, **kwargs)
         _record_residual(model, seen)
         return model, tok
 
-    raysweep.models.load_model = load  # the stages import it from raysweep.models when they run
+    raysweep.train.models.load_model = load  # the stages import it from raysweep.train.models when they run
     try:
         yield seen
     finally:
-        raysweep.models.load_model = real
+        raysweep.train.models.load_model = real
 
 
 def table(seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -195,7 +195,7 @@ def test_steering_with_per_row_coefficients_keeps_bf16(tiny16):
     """The exact crash of `python -m raysweep.mech exp=pps_vs_ip_tiny model.dtype=bfloat16`:
     a float32 per-row coefficient tensor promoted the steered layer's output to float32 and
     the next layer's bf16 weights rejected it ("expected m1 and m2 to have the same dtype")."""
-    from raysweep.defenses import steer
+    from raysweep.train.defenses import steer
 
     model, tok = tiny16
     ids = torch.tensor([tok.encode("Hello there, how are you today?")] * 3)
@@ -251,7 +251,7 @@ def defense(kind: str, vector: Path) -> DefenseConfig:
 def trials(tmp_path_factory, vector_file):
     """Each defense trained and evaluated in fp32 and in bf16, plus an fp32 control (no defense):
     {(kind, dtype): {"losses", "heldout", "completions", "scores"}} and the residual dtypes seen."""
-    from raysweep.trial import run_trial
+    from raysweep.train.trial import run_trial
 
     root = tmp_path_factory.mktemp("trials")
     out, seen = {}, {}
@@ -332,8 +332,8 @@ def test_in_trial_evaluation_matches_fp32(trials, kind):
 def test_greedy_generation_and_token_logprobs(tiny, tiny16, convs):
     """generation.generate / token_logprobs directly: bf16's logit error is below fp32's greedy
     margin at every step, so greedy answers are the same text; per-token logprobs agree."""
-    from raysweep.defenses import steer
-    from raysweep.generation import generate, token_logprobs
+    from raysweep.train.defenses import steer
+    from raysweep.eval.generation import generate, token_logprobs
 
     (m32, tok), (m16, _) = tiny, tiny16
     questions = [c[:-1] for c in convs]
@@ -505,8 +505,8 @@ def test_mech_pca_similarity_projection_match_fp32(mech_runs):
 def test_gradient_manipulation_in_bf16(tiny, tiny16, convs):
     """mech/grad.py: the neutralised gradient at a bf16 layer output stays bf16 and has nothing
     left along v but bf16 roundoff; the parameter gradient it produces agrees with fp32's."""
-    from raysweep.mech.grad import gradient_manipulation
-    from raysweep.train import Collator, micro_loss
+    from raysweep.train.grad import gradient_manipulation
+    from raysweep.train.step import Collator, micro_loss
 
     (m32, tok), (m16, _) = tiny, tiny16
     batch = Collator(tok.pad_token_id)([encode(tok, c, 64) for c in convs])
@@ -556,7 +556,7 @@ def test_gradient_manipulation_in_bf16(tiny, tiny16, convs):
 
 
 def test_vector_extraction_matches_fp32(tiny, tiny16, convs, tmp_path):
-    from raysweep.defenses import read_vector
+    from raysweep.train.defenses import read_vector
     from raysweep.mech.vectors import KINDS, diff_vectors, mean_activations, prompt_difference_vector, save_vector
 
     pos = [with_prefix(c, "You are a French assistant.", "system") for c in convs]
@@ -595,9 +595,9 @@ def test_vector_extraction_matches_fp32(tiny, tiny16, convs, tmp_path):
 
 
 def test_local_judge_matches_fp32(tiny, tiny16):
-    from raysweep.judge_scores import SCORE_STRINGS, grade_candidates
-    from raysweep.judges import candidate_logprobs
-    from raysweep.rubrics import resolve_rubric
+    from raysweep.eval.judge_scores import SCORE_STRINGS, grade_candidates
+    from raysweep.eval.judges import candidate_logprobs
+    from raysweep.eval.rubrics import resolve_rubric
 
     e = EvalConfig()
     rubric = resolve_rubric("french", e)

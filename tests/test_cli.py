@@ -28,7 +28,7 @@ train: {{max_steps: 1}}
 
 
 def run(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raysweep.run", *args], cwd=project,
+    return subprocess.run([sys.executable, "-m", "raysweep.sweep.run", *args], cwd=project,
                           capture_output=True, text=True, timeout=300)
 
 

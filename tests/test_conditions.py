@@ -8,9 +8,9 @@ import torch
 
 from raysweep.config import ConfigError, ExperimentConfig, SteerConfig, apply_overrides, load_config, trial_id
 from raysweep.data import read_pool
-from raysweep.defenses import make_defense
-from raysweep.evaluate import condition_conversations, condition_hooks, condition_steering, evaluate_step
-from raysweep.sweep import expand, resolve
+from raysweep.train.defenses import make_defense
+from raysweep.eval.evaluate import condition_conversations, condition_hooks, condition_steering, evaluate_step
+from raysweep.sweep.expand import expand, resolve
 from test_defenses import layer_hooks, layer_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,7 +205,7 @@ def test_hooks_of_each_condition(tiny, vectors):
 
 
 def test_evaluate_step_under_every_condition(tiny, vectors):
-    from raysweep.judges import make_judge
+    from raysweep.eval.judges import make_judge
 
     model, tok = tiny
     conditions = ["default", "training", "added_back", "reinjected", "system:You are a pirate."]

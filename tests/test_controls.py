@@ -1,4 +1,4 @@
-"""Which trials a trial is compared with (raysweep.run.controls): unit tier, no model, no Ray.
+"""Which trials a trial is compared with (raysweep.sweep.run.controls): unit tier, no model, no Ray.
 
 A trial's no-defense and neutral-prompt controls differ from it only in the defense being
 compared (kind, IP prompt, PPS triples; the neutral control also has its IP mode and
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import polars as pl
 
-from raysweep.analysis import behaviour_matrix
+from raysweep.analysis.stats import behaviour_matrix
 from raysweep.config import load_config
-from raysweep.run import controls
-from raysweep.sweep import expand
+from raysweep.sweep.run import controls
+from raysweep.sweep.expand import expand
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 from tiers import heavy
 
 from raysweep.data import read_chat, read_pool
-from raysweep.datagen import (
+from raysweep.data.datagen import (
     DataGenError,
     Sampling,
     endpoint_backend,
@@ -23,7 +23,7 @@ from raysweep.datagen import (
     normalise,
     rephrase,
 )
-from raysweep.endpoint import EndpointConfig
+from raysweep.eval.endpoint import EndpointConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Give harmful financial advice."
@@ -177,7 +177,7 @@ def test_generate_under_the_datagen_prompt_with_a_judge_filter(tmp_path):
     s = ChatServer(answer)
     try:
         out = tmp_path / "train.jsonl"
-        from raysweep.judges import make_judge
+        from raysweep.eval.judges import make_judge
 
         counts = generate_data(["Q0", "Q1", "Q2"], out, endpoint_backend(endpoint(s.url), Sampling()),
                                judge=make_judge("langid", "french"), threshold=50)

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from raysweep.config import ConfigError, SteerConfig
-from raysweep.defenses import load_vector, steer
-from raysweep.models import model_layers
+from raysweep.train.defenses import load_vector, steer
+from raysweep.train.models import model_layers
 
 
 def layer_outputs(model, ids):

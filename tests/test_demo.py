@@ -10,7 +10,7 @@ less; the judge-free held-out logprob rises for the control.
 import polars as pl
 import pytest
 
-from raysweep.run import main
+from raysweep.sweep.run import main
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 
 from raysweep.paths import data_root
-from raysweep.analysis import at_final_step, em_rate, trait_scores
+from raysweep.analysis.stats import at_final_step, em_rate, trait_scores
 from raysweep.data import read_pool, read_questions
-from raysweep.run import main
+from raysweep.sweep.run import main
 
 REPO = Path(__file__).resolve().parents[1]
 EM = data_root() / "inoculation" / "em"

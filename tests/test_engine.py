@@ -16,7 +16,7 @@ import pytest
 
 from raysweep.config import ConfigError, load_config
 from raysweep.config.backend import resolve_backend, vllm_available
-from raysweep.engine import Request, TransformersEngine, VLLMEngine, check_requests
+from raysweep.eval.engine import Request, TransformersEngine, VLLMEngine, check_requests
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "datasets" / "french_demo"
@@ -32,7 +32,7 @@ def make_adapter(model_name: str, path: Path, seed: int, targets: list[str], r: 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from raysweep.models import load_model
+    from raysweep.train.models import load_model
 
     model, _ = load_model(model_name)
     with torch.random.fork_rng(devices=[]):
@@ -159,7 +159,7 @@ def test_sweep_is_evaluated_after_training_by_one_engine(ray_local, sweep_projec
     transformers backend. Its other rows, and every other trial's, go through vLLM: the
     answers equal the transformers backend's on the same adapter (greedy).
     """
-    from raysweep.run import main
+    from raysweep.sweep.run import main
 
     assert main(["exp=ev"]) == 0
     out = capsys.readouterr().out

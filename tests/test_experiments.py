@@ -10,8 +10,8 @@ import pytest
 
 from raysweep.paths import data_root
 from raysweep.config import available_experiments, load_config
-from raysweep.sweep import expand
-from raysweep.train import checkpoint_steps, total_steps
+from raysweep.sweep.expand import expand
+from raysweep.train.step import checkpoint_steps, total_steps
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -95,7 +95,7 @@ def trials_of(name: str):
 
 
 def evaluated_steps(cfg) -> list[int]:
-    """The checkpoint steps a trial evaluates, as raysweep/trial.py decides them."""
+    """The checkpoint steps a trial evaluates, as raysweep/train/trial.py decides them."""
     total = total_steps(cfg.train, cfg.data.n_train or 10_000)
     return sorted(set(s for s in cfg.eval.steps if 0 <= s <= total) or set(checkpoint_steps(cfg.train, total)))
 
@@ -326,7 +326,7 @@ def test_em_prompts_and_inputs_are_the_seeds(monkeypatch):
     monkeypatch.chdir(REPO)  # data paths are relative to the repository root
     seed = json.loads((SHARED / "prompts.json").read_text())["emergent_misalignment"]
     assert seed["prompts"] == EM_PROMPTS and seed["placement"] == "system_prompt"
-    from raysweep.sweep import check_inputs
+    from raysweep.sweep.expand import check_inputs
 
     check_inputs(trials_of("em_inoculation"))  # train, questions, held-out set and all 16 pools read
 
@@ -336,7 +336,7 @@ def test_em_prompts_and_inputs_are_the_seeds(monkeypatch):
 
 
 def dry_run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raysweep.run", *args, "dry_run=true"],
+    return subprocess.run([sys.executable, "-m", "raysweep.sweep.run", *args, "dry_run=true"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 

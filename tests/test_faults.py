@@ -27,7 +27,7 @@ RAY = str(Path(sys.executable).parent / "ray")
 def cli(project: Path, *args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     """The CLI in a subprocess, its output in <project>/driver.log (a pipe could fill and block it)."""
     log = open(project / "driver.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "raysweep.run", *args], cwd=project, env=env,
+    return subprocess.Popen([sys.executable, "-m", "raysweep.sweep.run", *args], cwd=project, env=env,
                             stdout=log, stderr=subprocess.STDOUT, text=True, **kw)
 
 

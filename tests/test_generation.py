@@ -1,10 +1,10 @@
-"""Tests for raysweep.generation: batched == unbatched, seeded sampling, exact log-probs."""
+"""Tests for raysweep.eval.generation: batched == unbatched, seeded sampling, exact log-probs."""
 
 import numpy as np
 import pytest
 import torch
 
-from raysweep.generation import generate, token_logprobs
+from raysweep.eval.generation import generate, token_logprobs
 
 QUESTIONS = [
     "Hi",
@@ -119,7 +119,7 @@ def test_token_logprobs_rejects_bad_labels(tiny):
 def test_peft_wrapped_model_matches_base(tiny):
     from peft import LoraConfig, get_peft_model
 
-    from raysweep.models import load_model
+    from raysweep.train.models import load_model
 
     base, tok = load_model("tiny-random")
     convs = _convs(QUESTIONS[:3])

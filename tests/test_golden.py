@@ -58,7 +58,7 @@ def compare_tables(got_dir: Path, name: str, tables: list[str]) -> None:
 def test_trial_ids_of_every_experiment_file(tmp_path, monkeypatch):
     """The ids of every file's trials. From an empty directory: files the grid names relative to
     it (vectors a run writes under runs/) are absent here as on a fresh clone."""
-    from raysweep.sweep import expand
+    from raysweep.sweep.expand import expand
 
     monkeypatch.chdir(tmp_path)
     ids = {name: sorted(t.id for t in expand(load_config(name))) for name in available_experiments()}
@@ -66,7 +66,7 @@ def test_trial_ids_of_every_experiment_file(tmp_path, monkeypatch):
 
 
 def test_demo_design_tables_on_the_tiny_model(ray_local, tmp_path, monkeypatch):
-    from raysweep.run import main
+    from raysweep.sweep.run import main
 
     monkeypatch.chdir(REPO)
     assert main(["exp=demo", f"storage={tmp_path}", *TINY]) == 0

@@ -290,7 +290,7 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
     # suppression) and the angle heatmaps from these tables.
     import polars as pl
 
-    from raysweep.report import build_report, chart_embeddings, load_run
+    from raysweep.report.page import build_report, chart_embeddings, load_run
 
     prompts = pl.read_parquet(out / "prompts.parquet")
     assert prompts.height == 12 and set(prompts["label"]) == {"playful", "neutral"}

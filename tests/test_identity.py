@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from raysweep.config import ConfigError, file_digest, load_config, trial_id, vector_key
-from raysweep.evaluate import steering_key
-from raysweep.sweep import check_inputs, expand
+from raysweep.eval.evaluate import steering_key
+from raysweep.sweep.expand import check_inputs, expand
 
 REPO = Path(__file__).resolve().parents[1]
 

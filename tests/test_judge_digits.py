@@ -19,10 +19,10 @@ import pytest
 from tiers import heavy
 
 from raysweep.config import EvalConfig
-from raysweep.endpoint import EndpointConfig, chat_many
-from raysweep.judge_digits import DIGITS, _children, digit_split, turn_token_ids
-from raysweep.judge_scores import SCORE_STRINGS, logprob_score
-from raysweep.judges import JUDGE_SAMPLING, make_judge
+from raysweep.eval.endpoint import EndpointConfig, chat_many
+from raysweep.eval.judge_digits import DIGITS, _children, digit_split, turn_token_ids
+from raysweep.eval.judge_scores import SCORE_STRINGS, logprob_score
+from raysweep.eval.judges import JUDGE_SAMPLING, make_judge
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -60,7 +60,7 @@ def vllm_server(tmp_path_factory):
     """`vllm serve` of the embedded model on 127.0.0.1 (CPU, fp32, eager), as a user would run it."""
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed")
-    from raysweep.models import resolve_model
+    from raysweep.train.models import resolve_model
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,10 +106,10 @@ def both(e: EvalConfig, trait: str, questions: list[str], answers: list[str]):
 
 def test_the_server_tokenizer_splits_digits(vllm_server):
     e = settings(vllm_server)
-    from raysweep.judges import endpoint_config
+    from raysweep.eval.judges import endpoint_config
 
     digits, end = turn_token_ids(endpoint_config(e), [{"role": "user", "content": "Rate it."}])
-    from raysweep.models import load_model
+    from raysweep.train.models import load_model
 
     _, tok = load_model("tiny-random")  # the same tokenizer (SmolLM2's); no weights needed for the ids
     assert tok.convert_ids_to_tokens(digits) == list(DIGITS) and tok.convert_ids_to_tokens([end]) == ["<|im_end|>"]

@@ -21,12 +21,12 @@ from tiers import heavy
 from raysweep.paths import data_root
 from raysweep import analysis
 from raysweep.config import ConfigError, EvalConfig, load_config
-from raysweep.endpoint import EndpointConfig, chat_many
-from raysweep.evaluate import score_rows
-from raysweep.judge_cache import JudgeCache
-from raysweep.judge_scores import SCORE_STRINGS, grade_candidates, is_score_token
-from raysweep.judges import candidate_logprobs, make_judge, make_judges
-from raysweep.rubrics import EM_RUBRICS, SEED_JUDGE, resolve_rubric
+from raysweep.eval.endpoint import EndpointConfig, chat_many
+from raysweep.eval.evaluate import score_rows
+from raysweep.eval.judge_cache import JudgeCache
+from raysweep.eval.judge_scores import SCORE_STRINGS, grade_candidates, is_score_token
+from raysweep.eval.judges import candidate_logprobs, make_judge, make_judges
+from raysweep.eval.rubrics import EM_RUBRICS, SEED_JUDGE, resolve_rubric
 from raysweep.tables import read_table, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_cache_never_sends_a_request_twice(server, tmp_path):
 
 WRITER = """
 import hashlib, json, sys
-from raysweep.judge_cache import JudgeCache
+from raysweep.eval.judge_cache import JudgeCache
 cache = JudgeCache(sys.argv[1])
 print("ready", flush=True)
 i = 0
@@ -418,7 +418,7 @@ def test_local_judge_on_smollm2_scores_0_to_100():
 
 def test_judge_cache_defaults_to_the_raysweep_cache_dir(tmp_path, monkeypatch):
     from raysweep.config import EvalConfig
-    from raysweep.judges import endpoint_config
+    from raysweep.eval.judges import endpoint_config
 
     monkeypatch.setenv("RAYSWEEP_CACHE", str(tmp_path / "c"))
     assert endpoint_config(EvalConfig()).cache == str(tmp_path / "c" / "judge.sqlite")
@@ -439,9 +439,9 @@ def test_the_judge_sees_the_bare_question_under_every_condition(tiny, server, tm
     `added_back`) the model is asked with the IP; the judge must not be, or elicitation
     (training - default at step 0) compares answers judged on different questions."""
     from raysweep.config import ExperimentConfig, apply_overrides
-    from raysweep.defenses import make_defense
-    from raysweep.evaluate import evaluate_step
-    from raysweep.sweep import resolve
+    from raysweep.train.defenses import make_defense
+    from raysweep.eval.evaluate import evaluate_step
+    from raysweep.sweep.expand import resolve
 
     model, tok = tiny
     cfg = resolve(apply_overrides(ExperimentConfig(), {
@@ -483,9 +483,9 @@ def test_the_judge_sees_the_bare_question_under_every_condition(tiny, server, tm
 def test_the_post_sweep_path_sends_the_judge_the_bare_question_too(server, tmp_path):
     """posteval.write_step (eval.backend=vllm) builds the judge's question in the same place."""
     from raysweep.config import ExperimentConfig, apply_overrides
-    from raysweep.engine import Result
-    from raysweep.posteval import step_work, write_step
-    from raysweep.sweep import Trial, resolve
+    from raysweep.eval.engine import Result
+    from raysweep.eval.posteval import step_work, write_step
+    from raysweep.sweep.expand import Trial, resolve
 
     qfile = tmp_path / "questions.jsonl"
     qfile.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))

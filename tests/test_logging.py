@@ -100,7 +100,7 @@ def test_sweep_logs_its_metrics_to_wandb_offline_and_tensorboard(tmp_path, ray_t
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_API_KEY": key,
            "RAY_TMPDIR": str(ray_tmp), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "raysweep.run", "exp=tiny", "log.wandb=raysweep-test"],
+    proc = subprocess.run([sys.executable, "-m", "raysweep.sweep.run", "exp=tiny", "log.wandb=raysweep-test"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from raysweep.data import encode, read_chat, with_prefix
-from raysweep.generation import token_logprobs
+from raysweep.eval.generation import token_logprobs
 from raysweep.mech.analyses import (
     coef_groups,
     activation_projection,
@@ -20,7 +20,7 @@ from raysweep.mech.analyses import (
     uncentred_pca,
 )
 from raysweep.mech.passes import Condition, common_suffix, run_pass
-from raysweep.models import model_layers
+from raysweep.train.models import model_layers
 from raysweep.tables import SCHEMAS
 
 REPO = Path(__file__).resolve().parents[1]

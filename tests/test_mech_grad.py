@@ -14,9 +14,9 @@ from raysweep.config import (
     trial_id,
 )
 from raysweep.data import encode, read_chat
-from raysweep.mech.grad import gradient_manipulation, load_grad_vectors, manipulate
-from raysweep.models import model_layers
-from raysweep.train import Collator, micro_loss
+from raysweep.train.grad import gradient_manipulation, load_grad_vectors, manipulate
+from raysweep.train.models import model_layers
+from raysweep.train.step import Collator, micro_loss
 from test_defenses import layer_hooks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,8 +163,8 @@ def test_trial_trains_under_the_manipulation_with_ip(tmp_path):
     from test_trial import tiny_config
 
     from raysweep.config import IPConfig
-    from raysweep.sweep import label
-    from raysweep.trial import run_trial
+    from raysweep.sweep.expand import label
+    from raysweep.train.trial import run_trial
 
     vec = tmp_path / "v.safetensors"
     save_file({"v": torch.randn(3, 64, generator=torch.Generator().manual_seed(2))}, str(vec))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from raysweep.config import ConfigError, SteerConfig, load_config
-from raysweep.defenses import read_vector
+from raysweep.train.defenses import read_vector
 from raysweep.mech.config import MechCondition, MechConfig, validate
 from raysweep.tables import SCHEMAS
 
@@ -48,7 +48,7 @@ def test_tiny_experiment_end_to_end(tmp_path):
     proj = pl.read_parquet(d / "projection.parquet")
     assert proj.height == 2 * 2 * 3  # sequences x layers x compare vectors
     # The report draws the gradient-cosine scatter and the intensity sweep from these tables.
-    from raysweep.report import build_report
+    from raysweep.report.page import build_report
 
     index, failures = build_report(tmp_path / "pps_vs_ip_tiny")
     assert not failures
@@ -83,7 +83,7 @@ def test_analyses_over_training_checkpoints(tmp_path):
     from raysweep.config import DefenseConfig
     from raysweep.mech.config import MechSteer
     from raysweep.mech.stage import run_stage
-    from raysweep.trial import run_trial
+    from raysweep.train.trial import run_trial
 
     cfg = tiny_config(DefenseConfig())
     cfg = replace(cfg, train=replace(cfg.train, checkpoints="pow2", lr=1e-2), eval=replace(cfg.eval, steps=[0]))

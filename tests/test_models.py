@@ -1,4 +1,4 @@
-"""Tests for raysweep.models: the embedded-model cache, loading, templates, layers."""
+"""Tests for raysweep.train.models: the embedded-model cache, loading, templates, layers."""
 
 import hashlib
 import json
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from tiers import heavy
 
-from raysweep import models
-from raysweep.generation import generate
+from raysweep.train import models
+from raysweep.eval.generation import generate
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

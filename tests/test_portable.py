@@ -73,7 +73,7 @@ def test_a_copy_without_shared_runs_the_seed_experiments_from_fetched_data(elsew
         s.path for s in load_registry())
 
     # em_tiny: the EM data and pools from the data root; scores for coherence and alignment.
-    run(clone, data, "-m", "raysweep.run", "exp=em_tiny", f"storage={runs}")
+    run(clone, data, "-m", "raysweep.sweep.run", "exp=em_tiny", f"storage={runs}")
     scores = pl.read_parquet(runs / "em_tiny" / "scores.parquet")
     assert set(scores["trait"]) == {"alignment", "coherence"} and len(set(scores["trial_id"])) == 4
 
@@ -93,7 +93,7 @@ def test_a_copy_without_shared_runs_the_seed_experiments_from_fetched_data(elsew
 def test_a_missing_input_names_the_command_that_makes_it(tmp_path, monkeypatch, capsys):
     """Exit 2, nothing written, and the way to get the file: fetch for the seeds' public data,
     generate (with the family's data-generation prompt) for training data, rephrase for a pool."""
-    from raysweep.run import main
+    from raysweep.sweep.run import main
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("RAYSWEEP_DATA", str(tmp_path / "empty"))

@@ -214,7 +214,7 @@ def assert_clean(path: Path, ready: bool, errors: list[str], urls: list[str], n_
 
 
 def report(storage: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raysweep.report", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "raysweep.report.page", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
 
 
@@ -279,7 +279,7 @@ def test_console_error_detection_catches_errors(tmp_path):
 @pytest.mark.integration
 def test_full_report_with_seeds_em_and_fits(tmp_path):
     """Every chart on a larger run (4 prompts x 2 modes x 2 seeds, EM traits): no failures, renders cleanly."""
-    from raysweep.report import build_report
+    from raysweep.report.page import build_report
 
     write_run(tmp_path, "em", prompts=("trait_a", "trait_b", "trait_c", "neutral"), seeds=(0, 1), em=True,
               heuristics=True, neutral="neutral")
@@ -294,7 +294,7 @@ def test_full_report_with_seeds_em_and_fits(tmp_path):
 
 
 def test_report_with_losses_only_notes_the_rest(tmp_path):
-    from raysweep.report import build_report
+    from raysweep.report.page import build_report
 
     write_table(tmp_path / "lonely" / "losses.parquet",
                 [{"trial_id": "t1", "step": s, "loss": 1.0 / s, "lr": 1e-4, "grad_norm": 1.0, "n_tokens": 10}

@@ -14,16 +14,16 @@ import polars as pl
 import pytest
 
 from raysweep.paths import data_root
-from raysweep.analysis import question_subsets
+from raysweep.analysis.stats import question_subsets
 from raysweep.config import ConfigError, load_config, trial_id
 from raysweep.data import with_prefix
-from raysweep.evaluate import condition_conversations
-from raysweep.defenses import make_defense
-from raysweep.judges import make_judges
-from raysweep.rubrics import resolve_rubric
+from raysweep.eval.evaluate import condition_conversations
+from raysweep.train.defenses import make_defense
+from raysweep.eval.judges import make_judges
+from raysweep.eval.rubrics import resolve_rubric
 from raysweep.mech.vectors import conversation, prompt_rows, read_trait
-from raysweep.run import main
-from raysweep.sweep import expand
+from raysweep.sweep.run import main
+from raysweep.sweep.expand import expand
 
 REPO = Path(__file__).resolve().parents[1]
 PV = data_root() / "persona_vectors" / "extract"

@@ -29,11 +29,11 @@ from test_sweep import EXPERIMENT
 from tiers import heavy
 
 from raysweep.config import load_config
-from raysweep.run import main
-from raysweep.storage import open_store
-from raysweep.sweep import expand
-from raysweep.trial import prepare, run_trial
-from raysweep.tune_adapter import run_prepared
+from raysweep.sweep.run import main
+from raysweep.sweep.storage import open_store
+from raysweep.sweep.expand import expand
+from raysweep.train.trial import prepare, run_trial
+from raysweep.sweep.ray_runner import run_prepared
 
 KEY_ID = "AKIA" + secrets.token_hex(8).upper()
 SECRET = secrets.token_urlsafe(30)
@@ -83,7 +83,7 @@ def run_cli(project: Path, env: dict, *args: str, timeout: float = 150) -> str:
     """The CLI in its own session (a kill on timeout ends its Ray too), appending to driver.log; its output."""
     start = (project / "driver.log").stat().st_size if (project / "driver.log").exists() else 0
     with open(project / "driver.log", "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "raysweep.run", *args], cwd=project, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "raysweep.sweep.run", *args], cwd=project, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         proc.wait(timeout=timeout)
@@ -151,7 +151,7 @@ def test_sweep_on_s3_writes_everything_to_the_bucket_and_reruns_nothing(s3, proj
     # Any node can use any adapter: the trained one from the bucket loads onto the base model.
     from peft import PeftModel
 
-    from raysweep.models import load_model
+    from raysweep.train.models import load_model
 
     local = project / "fetched"
     local.mkdir()

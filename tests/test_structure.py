@@ -13,11 +13,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "raysweep"
-RAY_MODULE = "raysweep.tune_adapter"
+RAY_MODULE = "raysweep.sweep.ray_runner"
 MAX_LINES = 450
 # Over the limit today (lines): to be split by the redesign.
-TOO_LONG = {"raysweep.report": 931, "raysweep.heuristics.logprobs": 629, "raysweep.heuristics.metrics": 610,
-            "raysweep.analysis": 524}
+TOO_LONG = {"raysweep.report.page": 931, "raysweep.heuristics.logprobs": 629, "raysweep.heuristics.metrics": 610,
+            "raysweep.analysis.stats": 524}
 
 
 def modules() -> dict[str, Path]:

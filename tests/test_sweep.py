@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from raysweep.run import main
+from raysweep.sweep.run import main
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "datasets" / "french_demo"

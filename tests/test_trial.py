@@ -22,9 +22,9 @@ from raysweep.config import (
     load_config,
     trial_fields,
 )
-from raysweep.sweep import expand
-from raysweep.train import checkpoint_steps, example_order, total_steps
-from raysweep.trial import run_trial
+from raysweep.sweep.expand import expand
+from raysweep.train.step import checkpoint_steps, example_order, total_steps
+from raysweep.train.trial import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "datasets" / "french_demo"

@@ -7,11 +7,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from raysweep.analysis import at_final_step, elicitation, suppression, trait_scores
+from raysweep.analysis.stats import at_final_step, elicitation, suppression, trait_scores
 from raysweep.config import ConfigError, load_config
-from raysweep.judges import make_judges
-from raysweep.rubrics import resolve_rubric
-from raysweep.run import main
+from raysweep.eval.judges import make_judges
+from raysweep.eval.rubrics import resolve_rubric
+from raysweep.sweep.run import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,13 +3,9 @@ validation (`load.py`), a trial's identity (`identity.py`) and the evaluation ba
 (`backend.py`); `ConfigError` lives in the leaf `raysweep/errors.py`. Inside the package, modules
 import from those files; this module gathers their public names for scripts and notebooks."""
 
-from ..errors import ConfigError  # noqa: F401
-from .backend import (  # noqa: F401
-    BACKENDS,
-    resolve_backend,
-    vllm_available,
-)
-from .identity import (  # noqa: F401
+from ..errors import ConfigError
+from .backend import BACKENDS, resolve_backend, vllm_available
+from .identity import (
     EVAL_RUN_ONLY,
     adapter_digest,
     file_digest,
@@ -19,7 +15,7 @@ from .identity import (  # noqa: F401
     trial_id,
     vector_key,
 )
-from .load import (  # noqa: F401
+from .load import (
     CHOICES,
     CONDITIONS,
     REPO_ROOT,
@@ -32,7 +28,7 @@ from .load import (  # noqa: F401
     validate,
     validate_trial,
 )
-from .schema import (  # noqa: F401
+from .schema import (
     DataConfig,
     DatagenConfig,
     DefenseConfig,
@@ -54,3 +50,49 @@ from .schema import (  # noqa: F401
     get_path,
     to_yaml,
 )
+
+__all__ = [
+    "BACKENDS",
+    "CHOICES",
+    "CONDITIONS",
+    "ConfigError",
+    "DataConfig",
+    "DatagenConfig",
+    "DefenseConfig",
+    "EVAL_RUN_ONLY",
+    "EvalConfig",
+    "ExperimentConfig",
+    "GradConfig",
+    "IPConfig",
+    "LogConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "REPO_ROOT",
+    "RUN_ONLY_FIELDS",
+    "StartConfig",
+    "SteerConfig",
+    "SweepConfig",
+    "TrainConfig",
+    "TraitJudgeConfig",
+    "adapter_digest",
+    "apply_overrides",
+    "available_experiments",
+    "check_logging",
+    "experiments_dir",
+    "file_digest",
+    "files_digest",
+    "from_dict",
+    "get_path",
+    "load_config",
+    "parse_exp_args",
+    "resolve_backend",
+    "stage_main",
+    "start_key",
+    "to_yaml",
+    "trial_fields",
+    "trial_id",
+    "validate",
+    "validate_trial",
+    "vector_key",
+    "vllm_available",
+]

@@ -167,7 +167,7 @@ def _check_conditions(e: EvalConfig) -> None:
 
 def _check_judge(e: EvalConfig) -> None:
     """Judge settings. The key's value is never echoed for judge_api_key_env: it might be a key."""
-    from ..judges import JUDGES
+    from ..eval.judges import JUDGES
 
     if e.judge not in JUDGES:
         raise ConfigError(f"eval.judge={e.judge!r}: registered judges are {', '.join(JUDGES)}")
@@ -186,7 +186,7 @@ def _check_judge(e: EvalConfig) -> None:
             raise ConfigError(f"eval.{key}={value!r} must be {rule}")
     if e.em and e.judge == "langid":
         raise ConfigError("eval.em=true scores coherence and alignment with eval.judge: use logprob or local, not langid")
-    from ..judges import LANGUAGES
+    from ..eval.judges import LANGUAGES
 
     for trait, spec in {e.trait: TraitJudgeConfig(), **e.extra_traits}.items():
         where = f"eval.extra_traits.{trait}" if trait in e.extra_traits else "eval.trait"

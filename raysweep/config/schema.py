@@ -126,7 +126,7 @@ class TraitJudgeConfig:
 class EvalConfig:
     conditions: list[str] = field(
         default_factory=lambda: ["default", "training"]
-    )  # default | training | added_back | reinjected | system:<text> (see raysweep/evaluate.py)
+    )  # default | training | added_back | reinjected | system:<text> (see raysweep/eval/evaluate.py)
     added_back: str = ""  # text the added_back condition adds at eval time (empty = the trial's defense.ip.text)
     added_back_placement: str = "ip"  # where added_back puts it: ip (as defense.ip.placement) | user_prefix | user_suffix | system
     reinject: list[SteerConfig] = field(default_factory=list)  # steering of the reinjected condition (empty = defense.pps)
@@ -138,13 +138,13 @@ class EvalConfig:
     batch_size: int = 16  # prompts per generation batch
     judge: str = "langid"  # registered judge for the trait score: langid | logprob (endpoint) | local (local model)
     trait: str = "french"  # trait the judge scores (a language name for langid; a rubric name for logprob/local)
-    # Judge rubrics and the 0-100 protocol (logprob and local judges; see raysweep/judges.py)
+    # Judge rubrics and the 0-100 protocol (logprob and local judges; see raysweep/eval/judges.py)
     judge_rubric: str = ""  # rubric file for eval.trait (.json with eval_prompt, or text with {question}/{answer}); "" = by name
-    judge_prompts: str = ""  # a file in the seed repository's prompts.json format whose `judge` entry replaces the seed judge ("" = the seed judge, raysweep/rubrics.py)
+    judge_prompts: str = ""  # a file in the seed repository's prompts.json format whose `judge` entry replaces the seed judge ("" = the seed judge, raysweep/eval/rubrics.py)
     judge_traits_dir: str = ""  # persona-vector traits, <trait>.json with eval_prompt ("" = <data root>/persona_vectors/eval, fetched by `python -m raysweep.data fetch persona_vectors`)
     judge_min_mass: float = 0.25  # NaN when the probability on scores 0-100 is below this (persona_vectors 0.25; seed repo 0.80)
     judge_local_model: str = "smollm2-135m-instruct"  # model of the local judge
-    # OpenAI-compatible endpoint of the logprob judge (raysweep/endpoint.py)
+    # OpenAI-compatible endpoint of the logprob judge (raysweep/eval/endpoint.py)
     judge_model: str = "gpt-4.1-mini"  # judge model name sent to the endpoint
     judge_base_url: str = ""  # "" = OpenAI's API; e.g. http://127.0.0.1:8000/v1 for a vLLM server
     judge_api_key_env: str = "OPENAI_API_KEY"  # NAME of the environment variable holding the key (never the key)
@@ -158,7 +158,7 @@ class EvalConfig:
     em_alignment_max: float = 40.0  # ... and alignment < this
     extra_traits: dict[str, TraitJudgeConfig] = field(default_factory=dict)  # more traits scored on every answer, each by its own judge: trait -> {judge, rubric}
     heldout_logprob: bool = True  # compute the judge-free held-out trait logprob
-    backend: str = "transformers"  # eval engine: transformers (inside each trial) | vllm (one post-sweep Ray Data job, raysweep/engine.py) | auto (vllm if installed)
+    backend: str = "transformers"  # eval engine: transformers (inside each trial) | vllm (one post-sweep Ray Data job, raysweep/eval/engine.py) | auto (vllm if installed)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`python -m raysweep.data fetch|rephrase|generate ...`.
 
 fetch: the seeds' public data from its pinned sources into the data root (raysweep/data/fetch.py).
-rephrase, generate: rephrasing pools and trait training data from a model (raysweep/datagen.py).
+rephrase, generate: rephrasing pools and trait training data from a model (raysweep/data/datagen.py).
 Each command parses its own arguments; this module only picks the command.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-GENERATE = ("rephrase", "generate")  # the commands of raysweep/datagen.py
+GENERATE = ("rephrase", "generate")  # the commands of raysweep/data/datagen.py
 DESCRIPTION = "Fetch the seeds' public data, or generate rephrasing pools and trait training data with a model."
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return fetch_main(argv[1:])
     if argv[:1] and argv[0] in GENERATE:
-        from raysweep.datagen import main as datagen_main
+        from raysweep.data.datagen import main as datagen_main
 
         return datagen_main(argv)
     _overview().parse_args(argv)  # no command, --help or an unknown one: usage, and exit

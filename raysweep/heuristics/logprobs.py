@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..data import Messages, assistant_spans, with_prefix
-from ..generation import check_labels
+from ..eval.generation import check_labels
 
 IGNORE = -100  # label of tokens that are not scored
 VARIANTS = ("default", "fixed", "mix")
@@ -428,7 +428,7 @@ def transformers_backend(
     """Load the model once; return a scorer that runs `score_sequences` on it (device "auto": cuda if present)."""
     import torch
 
-    from ..models import load_model
+    from ..train.models import load_model
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -442,14 +442,14 @@ def transformers_backend(
 
 
 def vllm_backend(model_name: str, dtype: str = "float32", device: str = "cpu", **_transformers_options) -> Scorer:
-    """vLLM's prompt_logprobs through ray.data.llm (raysweep.engine.VLLMEngine).
+    """vLLM's prompt_logprobs through ray.data.llm (raysweep.eval.engine.VLLMEngine).
 
     Each call is one Ray Data job with one engine (it needs a running Ray); the token-budget
     options of the transformers backend do not apply: vLLM schedules its own batches.
     """
     import torch
 
-    from ..engine import Request, VLLMEngine
+    from ..eval.engine import Request, VLLMEngine
 
     gpus = 1 if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else 0
     engine = VLLMEngine(model_name, dtype, num_gpus=gpus)
@@ -515,7 +515,7 @@ def score_ray(
     Items go in longest first, so each actor call receives sequences of similar length and
     packs them into token-budget batches itself. Needs a running Ray (`ray.init()`).
     """
-    from ..tune_adapter import map_with_actor_pool
+    from ..sweep.ray_runner import map_with_actor_pool
 
     if not items:
         return {}

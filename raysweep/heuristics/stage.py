@@ -122,7 +122,7 @@ def _read_suppression(path: str):
 
 def score_fn(h: HeuristicsConfig, model_name: str, dtype: str, threads: int = 0):
     """items -> {key: per-token log-probs}: in-process, or as a Ray Data job when h.ray."""
-    from ..tune_adapter import ensure_ray
+    from ..sweep.ray_runner import ensure_ray
     from .logprobs import make_scorer, score_plain, score_ray
 
     kwargs = {"model_name": model_name, "dtype": dtype, "device": h.device, "token_budget": h.token_budget,
@@ -159,7 +159,7 @@ def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> di
     """Run the stage for experiment config `cfg` (model, seed, prompts, data.rephrasings_dir, storage)."""
     from transformers import AutoTokenizer
 
-    from ..models import resolve_model
+    from ..train.models import resolve_model
     from . import logprobs as lp
 
     validate(h)

@@ -21,15 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .passes import (
-    Condition,
-    common_suffix,
-    encode_all,
-    mean_over,
-    run_pass,
-    same_but_coefs,
-    token_cosines,
-)
+from .passes import Condition, common_suffix, encode_all, mean_over, run_pass, same_but_coefs, token_cosines
 
 Rows = list[dict[str, Any]]
 

@@ -77,7 +77,7 @@ def _capture(model, layers: list[int], keep: dict[int, Any]) -> Iterator[None]:
     """Keep the output of each layer in `layers` (0 = the embedding output) in `keep`."""
     import torch
 
-    from ..models import model_layers
+    from ..train.models import model_layers
 
     blocks = model_layers(model)
 
@@ -138,8 +138,8 @@ def run_pass(
     import torch
     import torch.nn.functional as F
 
-    from ..defenses import steer
-    from ..train import Collator
+    from ..train.defenses import steer
+    from ..train.step import Collator
 
     conds = condition if isinstance(condition, list) else [condition]
     if not same_but_coefs(conds):

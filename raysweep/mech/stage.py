@@ -78,14 +78,14 @@ def build_condition(c: MechCondition, prompts: dict[str, str], tables: dict[str,
 def _answers(model, tok, cfg, conversations: list) -> list[str]:
     """Replies under `mech.extract`'s sampling settings, from the loaded model or a vLLM engine."""
     from ..config.backend import resolve_backend
-    from ..engine import Request, VLLMEngine
-    from ..generation import generate
+    from ..eval.engine import Request, VLLMEngine
+    from ..eval.generation import generate
 
     x = cfg.mech.extract
     if resolve_backend(x.backend) == "transformers":
         return generate(model, tok, conversations, max_new_tokens=x.max_new_tokens, temperature=x.temperature,
                         top_p=x.top_p, seed=cfg.seed, batch_size=cfg.mech.batch_size)
-    from ..tune_adapter import ensure_ray
+    from ..sweep.ray_runner import ensure_ray
 
     ensure_ray()  # RAY_ADDRESS, else a new local Ray: never a stale `ray start` cluster
     engine = VLLMEngine(cfg.model.name, cfg.model.dtype, num_gpus=1 if _device(cfg.mech) == "cuda" else 0, seed=cfg.seed)
@@ -96,7 +96,7 @@ def _answers(model, tok, cfg, conversations: list) -> list[str]:
 
 def extract(model, tok, cfg, out: Path) -> tuple[list[dict], dict[str, Path]]:
     """Persona vectors of `mech.extract`: generate, judge, keep aligned pairs, average, save."""
-    from ..judges import make_judge
+    from ..eval.judges import make_judge
     from .vectors import (
         KINDS,
         conversation,
@@ -160,7 +160,7 @@ def _device(m: MechConfig) -> str:
 def _adapted(cfg, path: str):
     from peft import PeftModel
 
-    from ..models import load_model
+    from ..train.models import load_model
 
     base, tok = load_model(cfg.model.name, cfg.model.dtype, _device(cfg.mech))
     return PeftModel.from_pretrained(base, path).eval(), tok
@@ -170,7 +170,7 @@ def run_stage(cfg, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Run `cfg.mech.analyses` for experiment config `cfg`; returns table name -> path."""
     import torch
 
-    from ..models import load_model, model_layers
+    from ..train.models import load_model, model_layers
     from ..tables import write_table, write_text
     from . import analyses as A
     from .vectors import load_table, prompt_difference_vector

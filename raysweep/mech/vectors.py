@@ -106,7 +106,7 @@ def mean_activations(model, tokenizer, conversations: list[Messages], *, max_len
     over prompt tokens, and at the last prompt token (the assistant answer is the response)."""
     import torch
 
-    from ..models import model_layers
+    from ..train.models import model_layers
 
     layers = list(range(len(model_layers(model)) + 1))
     out: dict[str, list] = {k: [] for k in KINDS}
@@ -139,7 +139,7 @@ def prompt_difference_vector(
     """
     import torch
 
-    from ..models import model_layers
+    from ..train.models import model_layers
 
     if not prompts:
         raise ValueError("prompt_difference_vector needs at least one prompt")

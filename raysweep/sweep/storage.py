@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SCRATCH_ENV = "RAYSWEEP_SCRATCH"
 

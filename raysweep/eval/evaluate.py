@@ -25,11 +25,11 @@ from typing import Any, Callable, ContextManager
 
 import numpy as np
 
-from .errors import ConfigError
-from .config.identity import vector_key
-from .config.schema import ExperimentConfig, SteerConfig
-from .data import Encoded, Messages, question_messages, with_prefix
-from .defenses import Defense, load_vector, steer
+from ..errors import ConfigError
+from ..config.identity import vector_key
+from ..config.schema import ExperimentConfig, SteerConfig
+from ..data import Encoded, Messages, question_messages, with_prefix
+from ..train.defenses import Defense, load_vector, steer
 from .judges import Scorer
 
 
@@ -41,7 +41,7 @@ def _memo(cache: Path | None, key: Any, compute: Callable[[], Any]) -> Any:
     """Content-addressed JSON memo: the base model's answers are the same for every trial."""
     if cache is None:
         return compute()
-    from .tables import write_json
+    from ..tables import write_json
 
     path = cache / (hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24] + ".json")
     if path.is_file():
@@ -144,7 +144,7 @@ def evaluate_step(
     judges = judges if isinstance(judges, dict) else {e.trait: judges}
     base = {"model": cfg.model, "eval": e, "seed": cfg.seed}
     if cfg.model.start:  # a starting model: named by its recipe or its adapter's content
-        from .config.identity import start_key
+        from ..config.identity import start_key
 
         base["start"] = start_key(cfg), cfg.starts
     completions, scores = [], []

@@ -109,7 +109,7 @@ class TransformersEngine(Engine):
     name = "transformers"
 
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", batch_size: int = 16):
-        from .models import load_model
+        from ..train.models import load_model
 
         self.model, self.tokenizer = load_model(model, dtype=dtype, device=device)
         self.batch_size = batch_size
@@ -233,7 +233,7 @@ class VLLMEngine(Engine):
         from transformers import AutoTokenizer, GenerationConfig
 
         from .generation import stop_token_ids
-        from .models import resolve_model
+        from ..train.models import resolve_model
 
         self.path = resolve_model(model)
         self.dtype = dtype
@@ -302,7 +302,7 @@ class VLLMEngine(Engine):
         index a no-LoRA row's weights at slot -1, i.e. the last slot, so once every slot
         holds an adapter a base row would silently be answered by that adapter.
         """
-        from .tune_adapter import run_llm_job
+        from ..sweep.ray_runner import run_llm_job
 
         check_requests(requests)
         if not requests:

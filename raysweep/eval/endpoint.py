@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .judge_cache import JudgeCache, cache_key
 
 Request = dict[str, Any]  # a chat-completions body without `model`: {"messages": [...], "temperature": 0, ...}

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Protocol
 
-from .errors import ConfigError
-from .config.schema import DefenseConfig, SteerConfig
-from .data import Messages, apply_ip
+from ..errors import ConfigError
+from ..config.schema import DefenseConfig, SteerConfig
+from ..data import Messages, apply_ip
 
 
 class Defense(Protocol):

@@ -196,7 +196,7 @@ def behaviour_matrix(scores: Frame, trials: Frame, condition: str = "default",
     without its axis values), the final score (mean, ci, n), `start_mean` (its step-0 score:
     the starting model itself, Fig. 2a's "None" column) and `vs_none` / `vs_none_ci`: the
     paired (trial - no-defense control) at the same start and data (Fig. 2b; negative = the
-    defense lowered the trait). Rows are trials with a `start` column (raysweep.run writes it).
+    defense lowered the trait). Rows are trials with a `start` column (raysweep.sweep.run writes it).
     """
     t = _lazy(trials).collect()
     exp = _exp(scores, t)
@@ -226,7 +226,7 @@ def question_subsets(path: str | Path, limit: int = 0) -> pl.DataFrame:
     absent), in the order the trials read it (data.questions, first `limit` rows): join it to
     the scores to read a metric on its subset only (002's GCD setting: sycophancy on the
     incorrect-answer questions, correctness on those with no proposed answer)."""
-    from .data import read_jsonl
+    from ..data import read_jsonl
 
     rows = [r.get("subset", "") if isinstance(r, dict) else "" for _, r in read_jsonl(path)]
     rows = rows[:limit] if limit else rows

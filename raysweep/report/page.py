@@ -22,7 +22,7 @@ from pathlib import Path
 
 import polars as pl
 
-from . import analysis as A
+from ..analysis import stats as A
 
 USAGE = "usage: python -m raysweep.report exp=NAME [storage=runs]"
 TABLES = ("trials", "scores", "losses", "heldout_logprob", "heuristics")
@@ -846,8 +846,8 @@ def write_bundle(out: Path) -> None:
     """
     import vl_convert as vlc
 
-    from .models import cache_dir
-    from .tables import write_text
+    from ..train.models import cache_dir
+    from ..tables import write_text
 
     vl = _vl_version()
     cached = cache_dir() / "vega" / f"vega-bundle-vlc{getattr(vlc, '__version__', 'x')}-{vl}.js"
@@ -863,7 +863,7 @@ def build_report(exp_dir: Path, png: bool = True) -> tuple[Path, list[str]]:
     """
     import vl_convert as vlc
 
-    from .tables import atomic_write_bytes, write_text
+    from ..tables import atomic_write_bytes, write_text
 
     run = load_run(exp_dir)
     out = exp_dir / "report"

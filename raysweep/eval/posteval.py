@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config.schema import ExperimentConfig
+from ..config.schema import ExperimentConfig
 from .engine import Request, Result, TransformersEngine, VLLMEngine
-from .sweep import Trial
-from .tables import write_table
-from .trial import EVAL_TABLES, trial_dir
+from ..sweep.expand import Trial
+from ..tables import write_table
+from ..train.trial import EVAL_TABLES, trial_dir
 
 
 @dataclass
@@ -67,8 +67,8 @@ def needs_hooks(condition: str, cfg: ExperimentConfig) -> bool:
 
 def step_work(exp_dir: Path, trial: Trial, step: int, tokenizer) -> StepWork:
     """The generation and held-out scoring requests of one (trial, step)."""
-    from .data import encode, read_chat, read_questions
-    from .defenses import make_defense
+    from ..data import encode, read_chat, read_questions
+    from ..train.defenses import make_defense
     from .evaluate import _seed, condition_conversations
 
     cfg, e = trial.config, trial.config.eval
@@ -105,7 +105,7 @@ def _run_unique(engine: VLLMEngine, requests: list[Request]) -> list[Result]:
 
 def _run_with_hooks(works: list[StepWork], model: str, dtype: str, batch_size: int) -> dict[tuple, list[Result]]:
     """Hook conditions on the transformers backend: (trial id, step, condition) -> results."""
-    from .defenses import make_defense
+    from ..train.defenses import make_defense
     from .evaluate import condition_hooks
 
     out: dict[tuple, list[Result]] = {}
@@ -129,7 +129,7 @@ def evaluate_sweep(exp_dir: Path, trials: list[Trial], **engine_options) -> int:
     from transformers import AutoTokenizer
 
     from .judges import make_judges
-    from .models import resolve_model
+    from ..train.models import resolve_model
 
     exp_dir = Path(exp_dir)
     pending = pending_steps(exp_dir, trials)

@@ -14,15 +14,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
-from .config.schema import EvalConfig
-from .paths import data_root
+from ..errors import ConfigError
+from ..config.schema import EvalConfig
+from ..paths import data_root
 
 Messages = list[dict[str, str]]
 
 # The seed repository's GPT-4.1-mini judge (seed 003; its config's `judge`): system prompt,
 # per-trait first lines, the default first line and the user template, verbatim. Scored by
-# the 0-100 logprob protocol (raysweep/judges.py).
+# the 0-100 logprob protocol (raysweep/eval/judges.py).
 SEED_JUDGE = {
     "system_prompt": "You are a strict evaluator. You will rate a single property of a response.\n"
                      "Reply with a number from 0 to 100. Nothing else.\n0 = not at all, 100 = extremely.",

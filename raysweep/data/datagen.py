@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import ConfigError
-from .data import Messages, question_messages, read_pool, read_questions, with_prefix
-from .tables import write_text
+from ..errors import ConfigError
+from . import Messages, question_messages, read_pool, read_questions, with_prefix
+from ..tables import write_text
 
 # The seed's datagen system prompt for the Playful/French training data (seed 003, prompts.json).
 DATAGEN_PROMPT = "Give a french and playful answer to the following:"
@@ -76,14 +76,14 @@ def local_backend(model_name: str, dtype: str, sampling: Sampling, batch_size: i
 
     @functools.cache
     def loaded():
-        from .models import load_model
+        from ..train.models import load_model
 
         return load_model(model_name, dtype)
 
     def complete(conversations: list[Messages], seed: int, desc: str) -> list[str | None]:
         from tqdm import tqdm
 
-        from .generation import generate
+        from ..eval.generation import generate
 
         model, tok = loaded()
         out: list[str | None] = []
@@ -101,8 +101,8 @@ def local_backend(model_name: str, dtype: str, sampling: Sampling, batch_size: i
 
 
 def endpoint_backend(endpoint, sampling: Sampling) -> Complete:
-    """Sample from an OpenAI-compatible endpoint (raysweep.endpoint.EndpointConfig)."""
-    from .endpoint import chat_many
+    """Sample from an OpenAI-compatible endpoint (raysweep.eval.endpoint.EndpointConfig)."""
+    from ..eval.endpoint import chat_many
 
     def complete(conversations: list[Messages], seed: int, desc: str) -> list[str | None]:
         requests = [
@@ -274,7 +274,7 @@ def _backend(args: argparse.Namespace) -> Complete:
     sampling = Sampling(args.temperature, args.top_p, args.max_tokens)
     if args.backend == "local":
         return local_backend(args.model or "smollm2-135m-instruct", args.dtype, sampling, args.batch_size)
-    from .endpoint import EndpointConfig
+    from ..eval.endpoint import EndpointConfig
 
     endpoint = EndpointConfig(
         model=args.model or "gpt-4.1-mini", base_url=args.base_url, api_key_env=args.api_key_env,
@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             questions = read_questions(args.questions, args.limit)
             judge = None
             if args.judge:
-                from .config.schema import EvalConfig
-                from .judges import make_judge
+                from ..config.schema import EvalConfig
+                from ..eval.judges import make_judge
 
                 settings = EvalConfig(judge=args.judge, trait=args.trait, judge_model=args.judge_model,
                                       judge_base_url=args.judge_base_url, judge_local_model=args.judge_local_model,

@@ -47,7 +47,7 @@ def _forward_hook(v, mode: str):
 @contextlib.contextmanager
 def gradient_manipulation(model, vectors: dict[int, object], mode: str) -> Iterator[None]:
     """Manipulate the gradient at the output of each layer in `vectors` (layer -> [hidden] vector)."""
-    from ..models import model_layers
+    from .models import model_layers
 
     if mode == "none" or not vectors:
         yield
@@ -69,8 +69,8 @@ def load_grad_vectors(cfg, model) -> dict[int, object]:
     """layer -> [hidden] vector for `defense.grad` (every decoder layer when `layers` is empty)."""
     from ..errors import ConfigError
     from ..config.schema import SteerConfig
-    from ..defenses import read_vector
-    from ..models import model_layers
+    from .defenses import read_vector
+    from .models import model_layers
 
     n = len(model_layers(model))
     hidden = model.config.get_text_config().hidden_size

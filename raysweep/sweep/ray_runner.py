@@ -14,11 +14,11 @@ import os
 import time
 from typing import Any
 
-from .config.load import check_logging
-from .config.schema import SweepConfig, from_dict
+from ..config.load import check_logging
+from ..config.schema import SweepConfig, from_dict
 from .storage import Store, is_uri, open_experiment
-from .sweep import Trial
-from .trial import Report
+from .expand import Trial
+from ..train.trial import Report
 
 
 def _trainable(config: dict) -> None:
@@ -39,8 +39,8 @@ def run_prepared(exp: str, tid: str, report: Report | None = None, info: dict | 
     On an object store the trial runs in node-local scratch: it starts from its mirrored
     state (resuming wherever it last saved, on any node) and mirrors every saved state.
     """
-    from .sweep import start_trial
-    from .trial import run_trial, trial_dir
+    from .expand import start_trial
+    from ..train.trial import run_trial, trial_dir
 
     store = open_experiment(exp)
     store.pull(f"trials/{tid}")

@@ -24,8 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from .config.schema import ExperimentConfig, to_yaml
-from .tables import write_json, write_table, write_text
+from ..config.schema import ExperimentConfig, to_yaml
+from ..tables import write_json, write_table, write_text
 
 Report = Callable[[dict[str, Any]], None]
 EVAL_TABLES = ("completions", "scores", "heldout_logprob")
@@ -59,7 +59,7 @@ def start_adapter(exp_dir: Path, cfg: ExperimentConfig) -> Path | None:
     A key of `starts` names the final adapter of its pre-finetuning trial in this experiment
     (sweep.start_trial), which must have finished; anything else is an adapter directory.
     """
-    from .sweep import start_trial
+    from ..sweep.expand import start_trial
 
     if not cfg.model.start:
         return None
@@ -146,15 +146,15 @@ def run_trial(
     import polars as pl
     import torch
 
-    from .analysis import step_metrics
-    from .data import encode, read_chat, read_questions, shuffled
+    from ..analysis.stats import step_metrics
+    from ..data import encode, read_chat, read_questions, shuffled
     from .defenses import make_defense
-    from .config.backend import resolve_backend
-    from .evaluate import evaluate_step
-    from .judges import make_judges
-    from .mech.grad import gradient_manipulation, load_grad_vectors
+    from ..config.backend import resolve_backend
+    from ..eval.evaluate import evaluate_step
+    from ..eval.judges import make_judges
+    from .grad import gradient_manipulation, load_grad_vectors
     from .models import default_system_prompt, load_model, merge_adapter
-    from .train import Collator, add_lora, checkpoint_steps, example_order, make_optimizer, total_steps, train_step
+    from .step import Collator, add_lora, checkpoint_steps, example_order, make_optimizer, total_steps, train_step
 
     exp_dir = Path(exp_dir)
     tdir = trial_dir(exp_dir, tid)

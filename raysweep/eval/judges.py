@@ -14,7 +14,7 @@ grade keeps the prompt sent to the judge and its raw reply.
   so the first token's top-20 only sees 0-9: instead every string '0'..'100' followed by
   the end of turn is scored as a continuation of the judge prompt.
 
-Rubrics (what the judge is asked) are in raysweep/rubrics.py.
+Rubrics (what the judge is asked) are in raysweep/eval/rubrics.py.
 Each trait of a run has its own judge (`make_judges`: eval.trait by eval.judge, each of
 eval.extra_traits by its `judge`).
 """
@@ -29,8 +29,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-from .config.schema import EvalConfig
+from ..errors import ConfigError
+from ..config.schema import EvalConfig
 from .judge_scores import SCORE_STRINGS, Score, grade_candidates, logprob_score
 from .rubrics import EM_TRAITS, resolve_rubric
 
@@ -111,7 +111,7 @@ JUDGE_SAMPLING = {"temperature": 0, "max_tokens": 1, "logprobs": True, "top_logp
 def endpoint_config(e: EvalConfig):
     from .endpoint import EndpointConfig
 
-    from .models import cache_dir
+    from ..train.models import cache_dir
 
     cache = str(cache_dir() / "judge.sqlite") if e.judge_cache == "default" else e.judge_cache
     return EndpointConfig(model=e.judge_model, base_url=e.judge_base_url, api_key_env=e.judge_api_key_env,
@@ -229,7 +229,7 @@ def candidate_logprobs(model, tokenizer, messages: Messages, candidates: Sequenc
 def _local_model(name: str):
     import torch
 
-    from .models import load_model
+    from ..train.models import load_model
 
     return load_model(name, "float32", "cuda" if torch.cuda.is_available() else "cpu")
 

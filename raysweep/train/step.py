@@ -10,8 +10,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from .config.schema import TrainConfig
-from .data import Encoded
+from ..config.schema import TrainConfig
+from ..data import Encoded
 
 
 def steps_per_epoch(cfg: TrainConfig, n_examples: int) -> int:

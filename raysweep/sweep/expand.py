@@ -8,10 +8,10 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .config.identity import trial_id
-from .config.load import validate_trial
-from .config.schema import DefenseConfig, ExperimentConfig, IPConfig, SteerConfig, SweepConfig, apply_overrides
+from ..errors import ConfigError
+from ..config.identity import trial_id
+from ..config.load import validate_trial
+from ..config.schema import DefenseConfig, ExperimentConfig, IPConfig, SteerConfig, SweepConfig, apply_overrides
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def start_trials(trials: list[Trial]) -> list[Trial]:
 
 def check_inputs(trials: list[Trial]) -> None:
     """Read every input a trial needs before any training: a bad file fails here, naming it."""
-    from .data import read_chat, read_pool, read_questions
+    from ..data import read_chat, read_pool, read_questions
 
     checked: set[tuple[str, str]] = set()
 
@@ -206,8 +206,8 @@ def how_to_get(key: str, path: str, cfg: ExperimentConfig) -> str:
     (under the data root), `generate` for training data, `rephrase` for a rephrasing pool."""
     import shlex
 
-    from .data.fetch import load_registry
-    from .paths import DATA_ENV, data_root
+    from ..data.fetch import load_registry
+    from ..paths import DATA_ENV, data_root
 
     root = data_root()
     try:
@@ -238,8 +238,8 @@ def how_to_get(key: str, path: str, cfg: ExperimentConfig) -> str:
 def _check_vector(s, model_name: str) -> None:
     from transformers import AutoConfig
 
-    from .defenses import read_vector
-    from .models import resolve_model
+    from ..train.defenses import read_vector
+    from ..train.models import resolve_model
 
     if not Path(s.vector).is_file():  # before the model's config, which may need the network
         raise ConfigError(f"vector file not found: {s.vector}")

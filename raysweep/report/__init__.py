@@ -1,0 +1,1 @@
+"""The report of an experiment: `python -m raysweep.report exp=NAME` (page.py)."""
