@@ -57,7 +57,8 @@ def main() -> None:
     import ray
     import torch
 
-    from raysweep.data import question_messages, read_questions
+    from raysweep.data import read_questions
+    from raysweep.data.conversations import question_messages
     from raysweep.eval.engine import Request, TransformersEngine, VLLMEngine
 
     torch.set_num_threads(args.threads)

@@ -40,7 +40,8 @@ from raysweep.config import (
     SteerConfig,
     load_config,
 )
-from raysweep.data import encode, read_chat, shuffled, with_prefix
+from raysweep.data import encode, read_chat, shuffled
+from raysweep.data.conversations import with_prefix
 from raysweep.train.models import model_layers
 from test_trial import tiny_config  # the trial config of the trial tests (tiny-random, 2 steps)
 

@@ -9,7 +9,8 @@ import torch
 from raysweep.config import ConfigError, ExperimentConfig, SteerConfig, apply_overrides, load_config, trial_id
 from raysweep.data import read_pool
 from raysweep.train.defenses import make_defense
-from raysweep.eval.evaluate import condition_conversations, condition_hooks, condition_steering, evaluate_step
+from raysweep.data.conversations import condition_conversations
+from raysweep.eval.evaluate import condition_hooks, condition_steering, evaluate_step
 from raysweep.sweep.expand import expand, resolve
 from test_defenses import layer_hooks, layer_outputs
 

@@ -5,17 +5,8 @@ import json
 import pytest
 
 from raysweep.config import IPConfig
-from raysweep.data import (
-    DataError,
-    apply_ip,
-    encode,
-    ip_prefixes,
-    question_messages,
-    read_chat,
-    read_pool,
-    read_questions,
-    with_prefix,
-)
+from raysweep.data import DataError, encode, read_chat, read_pool, read_questions
+from raysweep.data.conversations import apply_ip, ip_prefixes, question_messages, with_prefix
 
 CONV = [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "Quatre."}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -184,7 +184,8 @@ def test_sweep_is_evaluated_after_training_by_one_engine(ray_local, sweep_projec
             continue
         rows = completions.filter((pl.col("trial_id") == tid) & (pl.col("step") == 2)
                                   & (pl.col("condition") == "default")).sort("question_id")
-        from raysweep.data import question_messages, read_questions
+        from raysweep.data import read_questions
+        from raysweep.data.conversations import question_messages
 
         qs = read_questions(DEMO / "eval_questions.jsonl", 3)
         ref = engine.run([Request(messages=question_messages(q), adapter=str(exp / "adapters" / tid / "step_2"),

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysweep.data import encode, read_chat, with_prefix
+from raysweep.data import encode, read_chat
+from raysweep.data.conversations import with_prefix
 from raysweep.eval.generation import token_logprobs
 from raysweep.mech.analyses import (
     coef_groups,

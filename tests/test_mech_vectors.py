@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from raysweep.paths import data_root
 from raysweep.config import ConfigError, ExperimentConfig, ModelConfig, SteerConfig
-from raysweep.data import encode, read_chat, with_prefix
+from raysweep.data import encode, read_chat
+from raysweep.data.conversations import with_prefix
 from raysweep.train.defenses import read_vector
 from raysweep.mech.config import ExtractConfig, MechConfig
 from raysweep.mech.stage import extract

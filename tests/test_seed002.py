@@ -14,10 +14,9 @@ import polars as pl
 import pytest
 
 from raysweep.paths import data_root
-from raysweep.analysis.stats import question_subsets
+from raysweep.analysis import question_subsets
 from raysweep.config import ConfigError, load_config, trial_id
-from raysweep.data import with_prefix
-from raysweep.eval.evaluate import condition_conversations
+from raysweep.data.conversations import condition_conversations, with_prefix
 from raysweep.train.defenses import make_defense
 from raysweep.eval.judges import make_judges
 from raysweep.eval.rubrics import resolve_rubric

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..config.schema import IPConfig
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -100,46 +99,6 @@ def shuffled(items: list[Any], seed: int, limit: int = 0) -> list[Any]:
     items = list(items)
     random.Random(seed).shuffle(items)
     return items[:limit] if limit else items
-
-
-# ---------------------------------------------------------------------------------------------
-# Inoculation prompting: a pure data transform
-
-
-def ip_prefixes(ip: IPConfig, n: int, seed: int) -> list[str]:
-    """The defensive text of each of n examples: the prompt (fixed) or a seeded pool draw (mix)."""
-    if ip.mode == "fixed":
-        return [ip.text] * n
-    pool = read_pool(ip.pool)
-    rng = random.Random(f"mix:{seed}")
-    return [pool[rng.randrange(len(pool))] for _ in range(n)]
-
-
-def with_prefix(messages: Messages, text: str, placement: str) -> Messages:
-    """Put `text` in the conversation: before the first user turn ("{text} {user}"), after it
-    ("{user}\n\n{text}", user_suffix: for prompts about "the above"), or as the system prompt."""
-    if placement == "system":
-        rest = [m for m in messages if m["role"] != "system"]
-        return [{"role": "system", "content": text}] + [dict(m) for m in rest]
-    out, done = [], False
-    for m in messages:
-        m = dict(m)
-        if m["role"] == "user" and not done:
-            m["content"] = f"{m['content']}\n\n{text}" if placement == "user_suffix" else f"{text} {m['content']}"
-            done = True
-        out.append(m)
-    return out
-
-
-def apply_ip(conversations: list[Messages], ip: IPConfig, seed: int) -> list[Messages]:
-    """The training-condition conversations of an IP defense."""
-    texts = ip_prefixes(ip, len(conversations), seed)
-    return [with_prefix(c, t, ip.placement) for c, t in zip(conversations, texts)]
-
-
-def question_messages(question: str) -> Messages:
-    """The default condition: the question alone, so the template's default system prompt applies."""
-    return [{"role": "user", "content": question}]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
-from . import Messages, question_messages, read_pool, read_questions, with_prefix
+from . import Messages, read_pool, read_questions
+from .conversations import question_messages, with_prefix
 from ..tables import write_text
 
 # The seed's datagen system prompt for the Playful/French training data (seed 003, prompts.json).

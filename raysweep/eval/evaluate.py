@@ -28,7 +28,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..config.identity import vector_key
 from ..config.schema import ExperimentConfig, SteerConfig
-from ..data import Encoded, Messages, question_messages, with_prefix
+from ..data import Encoded, Messages
+from ..data.conversations import condition_conversations
 from ..train.defenses import Defense, load_vector, steer
 from .judges import Scorer
 
@@ -49,35 +50,6 @@ def _memo(cache: Path | None, key: Any, compute: Callable[[], Any]) -> Any:
     value = compute()
     write_json(path, {"key": key, "value": value})
     return value
-
-
-def condition_conversations(
-    questions: list[str], condition: str, defense: Defense, seed: int, cfg: ExperimentConfig | None = None,
-) -> list[Messages]:
-    """The messages of each question under `condition`; `added_back` reads its text from `cfg`."""
-    base = [question_messages(q) for q in questions]
-    if condition in ("default", "reinjected"):
-        return base
-    if condition == "training":
-        return defense.conversations(base, _seed("eval-draws", seed))
-    if condition.startswith("system:"):
-        return [with_prefix(c, condition[len("system:"):].strip(), "system") for c in base]
-    if condition == "added_back":
-        if cfg is None:
-            raise ValueError("the added_back condition needs the trial's config (cfg)")
-        text, placement = added_back_prompt(cfg)
-        return [with_prefix(c, text, placement) for c in base]
-    raise ConfigError(f"eval.conditions: unknown condition {condition!r}")
-
-
-def added_back_prompt(cfg: ExperimentConfig) -> tuple[str, str]:
-    """(text, placement) of the added_back condition for this trial."""
-    e, ip = cfg.eval, cfg.defense.ip
-    text = e.added_back or ip.text
-    if not text:
-        raise ConfigError("added_back: this trial has no inoculation prompt; set eval.added_back")
-    # A trial without IP has the default IPConfig, whose placement is user_prefix.
-    return text, ip.placement if e.added_back_placement == "ip" else e.added_back_placement
 
 
 def condition_steering(condition: str, cfg: ExperimentConfig) -> list[SteerConfig]:

@@ -69,7 +69,8 @@ def step_work(exp_dir: Path, trial: Trial, step: int, tokenizer) -> StepWork:
     """The generation and held-out scoring requests of one (trial, step)."""
     from ..data import encode, read_chat, read_questions
     from ..train.defenses import make_defense
-    from .evaluate import _seed, condition_conversations
+    from ..data.conversations import condition_conversations
+    from .evaluate import _seed
 
     cfg, e = trial.config, trial.config.eval
     adapter = "" if step == 0 else str((Path(exp_dir) / "adapters" / trial.id / f"step_{step}").resolve())

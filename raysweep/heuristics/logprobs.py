@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Messages, assistant_spans, with_prefix
+from ..data import Messages, assistant_spans
+from ..data.conversations import prompt_texts, with_prompts
 from ..eval.generation import check_labels
 
 IGNORE = -100  # label of tokens that are not scored
@@ -58,9 +59,8 @@ def build_rows(
     variants: tuple[str, ...] | list[str] = ("fixed", "mix"),
 ) -> list[dict[str, Any]]:
     """Rows of the pass: one default row per example, then every (prompt, variant, example)."""
-    for v in variants:
-        if v not in ("fixed", "mix"):
-            raise ValueError(f"unknown variant {v!r} (fixed | mix; default is always included)")
+    if set(variants) - {"fixed", "mix"}:
+        raise ValueError(f"unknown variants {sorted(set(variants) - {'fixed', 'mix'})} (fixed | mix; default is always included)")
     rows = [
         {"prompt_key": "", "variant": "default", "set": s, "example_id": k, "messages": conv}
         for s, convs in sets.items()
@@ -72,10 +72,10 @@ def build_rows(
             if v == "mix" and not pool:
                 raise ValueError(f"mix variant of {key!r} needs a non-empty rephrasing pool")
             for s, convs in sets.items():
-                for k, conv in enumerate(convs):
-                    prefix = text if v == "fixed" else pool[k % len(pool)]
-                    rows.append({"prompt_key": key, "variant": v, "set": s, "example_id": k,
-                                 "messages": with_prefix(conv, prefix, placement)})
+                # fixed: the prompt; mix: the k-th rephrasing for example k (Exp 12, index-matched)
+                texts = prompt_texts("fixed", len(convs), [text]) if v == "fixed" else prompt_texts("indexed", len(convs), pool)
+                for k, messages in enumerate(with_prompts(convs, texts, placement)):
+                    rows.append({"prompt_key": key, "variant": v, "set": s, "example_id": k, "messages": messages})
     return rows
 
 

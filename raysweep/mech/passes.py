@@ -13,12 +13,12 @@ stays bounded by one batch.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data import Encoded, Messages, encode, with_prefix
+from ..data import Encoded, Messages, encode
+from ..data.conversations import prompt_texts, with_prompts
 
 SPANS = ("response", "all")
 
@@ -40,8 +40,8 @@ class Condition:
         """The conversations as the model sees them: with a prompt drawn per sequence, as IP's mix mode does."""
         if not self.prompts:
             return conversations
-        rng = random.Random(f"mech_ip:{self.seed}")
-        return [with_prefix(c, self.prompts[rng.randrange(len(self.prompts))], self.placement) for c in conversations]
+        return with_prompts(conversations, prompt_texts("draw", len(conversations), self.prompts, self.seed),
+                            self.placement)
 
 
 @dataclass

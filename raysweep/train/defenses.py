@@ -12,7 +12,8 @@ from typing import Callable, ContextManager, Iterator, Protocol
 
 from ..errors import ConfigError
 from ..config.schema import DefenseConfig, SteerConfig
-from ..data import Messages, apply_ip
+from ..data import Messages
+from ..data.conversations import apply_ip
 
 
 class Defense(Protocol):
