@@ -26,7 +26,7 @@ GiB is torch.cuda.max_memory_allocated over the timed rounds (reset before each 
 Rows:
   logprob  naive loop          one sequence per forward, full-vocabulary logits, log_softmax
                                (logprob_pass.naive_token_logprobs): the baseline
-  logprob  engine buckets      heuristics.logprobs.score_sequences: length-bucketed 32k-token
+  logprob  engine buckets      eval.scoring.score_sequences (the scoring kernel): length-bucketed 32k-token
                                batches, shared prefix once, LM head on scored positions in 4k chunks
   logprob  packed + flex       the same with pack=True: 16k-token rows, flex-attention document
                                BlockMask on CUDA (a dense mask on CPU, as the kernel does)
@@ -182,7 +182,7 @@ def max_err(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 def sec_logprob(run: Run) -> None:
-    from raysweep.heuristics.logprobs import score_sequences
+    from raysweep.eval.scoring import score_sequences
 
     w = run.w
     model = run.model()

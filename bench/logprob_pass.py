@@ -1,4 +1,4 @@
-"""Logprob-pass throughput: the engine (`heuristics.logprobs.score_sequences`) against a naive loop.
+"""Logprob-pass throughput: the scoring kernel (`eval.scoring.score_sequences`) against a naive loop.
 
 Not a test. Both score the same rows of a heuristics pass on the same model in the same
 process: training completions under the default condition, two fixed prefixes and one mix
@@ -102,7 +102,7 @@ def main() -> None:
 
     import torch
 
-    from raysweep.heuristics.logprobs import score_sequences
+    from raysweep.eval.scoring import score_sequences
 
     torch.set_num_threads(args.threads)
     if args.rows:

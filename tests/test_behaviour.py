@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from raysweep.analysis.stats import behaviour_matrix
+from raysweep.analysis import behaviour_matrix
 from raysweep.config import ConfigError, load_config, trial_id
 from raysweep.sweep.run import main
 from raysweep.sweep.expand import check_inputs, expand, start_trial

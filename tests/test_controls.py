@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from raysweep.analysis.stats import behaviour_matrix
+from raysweep.analysis import behaviour_matrix
 from raysweep.config import load_config
 from raysweep.sweep.run import controls
 from raysweep.sweep.expand import expand

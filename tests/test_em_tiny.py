@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from raysweep.paths import data_root
-from raysweep.analysis.stats import at_final_step, em_rate, trait_scores
+from raysweep.analysis import at_final_step, em_rate, trait_scores
 from raysweep.data import read_pool, read_questions
 from raysweep.sweep.run import main
 

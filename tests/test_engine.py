@@ -95,6 +95,26 @@ def test_each_row_gets_its_own_adapter(both):
     assert max(np.abs(x - y).max() for x, y in zip(first, second)) > 1e-2
 
 
+def test_a_sampling_group_seeds_each_row_on_vllm(ray_local, smollm2):
+    """worklist.py's rule on vLLM: row k of a group draws from row_seed(group seed, k), so the
+    samples of one question differ; a request without a group keeps its own seed."""
+    from raysweep.config import ExperimentConfig, apply_overrides
+    from raysweep.eval.generation import row_seed
+    from raysweep.eval.worklist import work_list
+    from raysweep.sweep.expand import resolve
+
+    cfg = resolve(apply_overrides(ExperimentConfig(), {"model": {"name": MODEL}, "eval": {
+        "conditions": ["default"], "n_samples": 3, "temperature": 1.0, "max_new_tokens": 12}}))
+    reqs = [item.request for item in work_list(cfg, QUESTIONS[:2])]
+    engine = VLLMEngine(MODEL)
+    seeds = [engine._row(k, r)["sampling_params"]["seed"] for k, r in enumerate(reqs)]
+    assert seeds == [row_seed(reqs[0].seed, k) for k in range(6)] and len(set(seeds)) == 6
+    lone = Request(messages=[{"role": "user", "content": "Hi"}], temperature=1.0, seed=7)
+    assert engine._row(0, lone)["sampling_params"]["seed"] == 7
+    texts = [r.text for r in engine.run(reqs)]
+    assert len(set(texts[:3])) > 1 and len(set(texts[3:])) > 1
+
+
 def test_backend_choice_and_config_errors(tmp_path):
     assert resolve_backend("auto") == "vllm"
     assert resolve_backend("transformers") == "transformers"

@@ -114,6 +114,8 @@ def test_token_logprobs_rejects_bad_labels(tiny):
         token_logprobs(model, [[1, 2, 3]], [[1, 2, 3]])
     with pytest.raises(ValueError, match="labels"):
         token_logprobs(model, [[1, 2, 3]], [[-100, 2]])
+    with pytest.raises(ValueError, match="batch_size"):
+        token_logprobs(model, [[1, 2, 3]], [[-100, 2, 3]], batch_size=0)
 
 
 def test_peft_wrapped_model_matches_base(tiny):

@@ -1,4 +1,5 @@
-"""Tests for raysweep.heuristics.metrics and seed_import: every metric on hand-computable inputs."""
+"""Tests for raysweep.heuristics (metrics, geometry, families, performance) and seed_import: every
+metric on hand-computable inputs."""
 
 import json
 import math
@@ -9,7 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from pathlib import Path
 
+from raysweep.heuristics import families as F
+from raysweep.heuristics import geometry as G
 from raysweep.heuristics import metrics as M
+from raysweep.heuristics import performance as P
 from raysweep.heuristics.logprobs import schema
 from raysweep.heuristics.seed_import import (
     import_perplexity_json,
@@ -90,7 +94,7 @@ def test_gap_heuristics_by_hand():
 
 def test_pca_variance_coordinates_and_signs():
     w = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
-    coords, comps, evr = M.decompose(w, "pca", 3)
+    coords, comps, evr = G.decompose(w, "pca", 3)
     assert np.allclose(evr[:2], [0.8, 0.2]) and math.isnan(evr[2])  # variances 8/3 and 2/3; 2 features
     assert np.allclose(comps[0], [0, 1]) and np.allclose(comps[1], [1, 0])
     assert np.allclose(coords[:, 0], [0, 0, 2, -2]) and np.allclose(coords[:, 1], [1, -1, 0, 0])
@@ -99,26 +103,26 @@ def test_pca_variance_coordinates_and_signs():
     # negating W negates the coordinates only.
     line = np.array([[2.0, 2.0], [-2.0, -2.0], [1.0, 1.0], [-1.0, -1.0]])
     for sign in (1, -1):
-        c, v, e = M.decompose(sign * line, "pca", 1)
+        c, v, e = G.decompose(sign * line, "pca", 1)
         assert np.allclose(v[0], [1 / math.sqrt(2)] * 2) and np.isclose(e[0], 1.0)
         assert np.allclose(c[:, 0], sign * math.sqrt(2) * np.array([2, -2, 1, -1]))
 
 
 def test_truncated_svd_is_uncentred():
     w = np.array([[3.0, 0.0], [0.0, 1.0]])
-    coords, comps, evr = M.decompose(w, "svd", 2)
+    coords, comps, evr = G.decompose(w, "svd", 2)
     assert np.allclose(comps, [[1, 0], [0, 1]]) and np.allclose(coords, [[3, 0], [0, 1]])
     # sigma^2 = 9, 1 of 10 (here scikit-learn's coordinate-variance ratio, 2.25/2.5 and 0.25/2.5, agrees)
     assert np.allclose(evr, [0.9, 0.1])
     # Identical rows: PCA has nothing to explain (NaN); SVD has a coordinate and all of ||W||^2 in
     # it (scikit-learn's ratio divides by a zero column variance: NaN).
     same = np.ones((3, 2))
-    c, _v, e = M.decompose(same, "pca", 2)
+    c, _v, e = G.decompose(same, "pca", 2)
     assert np.isnan(c).all() and np.isnan(e).all()
-    c, v, e, sk = M.decompose_all(same, "svd", 1)
+    c, v, e, sk = G.decompose_all(same, "svd", 1)
     assert np.allclose(c[:, 0], math.sqrt(2)) and np.allclose(v[0], [1 / math.sqrt(2)] * 2)
     assert np.allclose(e, [1.0]) and np.isnan(sk).all()
-    assert np.isnan(M.decompose(np.zeros((3, 4)), "svd", 2)[0]).all()
+    assert np.isnan(G.decompose(np.zeros((3, 4)), "svd", 2)[0]).all()
 
 
 def _sign_matrix():
@@ -136,16 +140,16 @@ def test_signs_are_scikit_learns():
 
     w = _sign_matrix()
     ref = PCA(n_components=2, svd_solver="full").fit(w)
-    coords, comps, evr = M.decompose(w, "pca", 2)
+    coords, comps, evr = G.decompose(w, "pca", 2)
     assert np.allclose(comps, ref.components_) and np.allclose(coords, ref.transform(w))
     assert np.allclose(evr, ref.explained_variance_ratio_)
     ref = TruncatedSVD(n_components=2, algorithm="randomized", n_iter=10, random_state=0).fit(w)
-    coords, comps, _evr = M.decompose(w, "svd", 2)
+    coords, comps, _evr = G.decompose(w, "svd", 2)
     assert np.allclose(comps, ref.components_) and np.allclose(coords, ref.transform(w))
     # The installed scikit-learn flips on V (u_based_decision=False): each component's
     # largest-magnitude entry is positive, whatever its sum. Here that sum is negative.
     for method in ("pca", "svd"):
-        v1 = M.decompose(w, method, 1)[1][0]
+        v1 = G.decompose(w, method, 1)[1][0]
         assert v1[np.argmax(np.abs(v1))] > 0 and v1.sum() < 0 and np.allclose(np.abs(v1), [0.8, 0.36, 0.48], atol=0.05)
     u, vt = svd_flip(np.eye(2), np.array([[0.8, -0.36, -0.48], [-0.1, 0.0, -0.9]]), u_based_decision=False)
     assert np.allclose(vt, [[0.8, -0.36, -0.48], [0.1, 0.0, 0.9]])
@@ -157,7 +161,7 @@ def test_svd_explained_variance_is_the_seeds():
 
     w = _sign_matrix()
     s = np.linalg.svd(w, compute_uv=False)
-    _c, _v, evr, sk = M.decompose_all(w, "svd", 2)
+    _c, _v, evr, sk = G.decompose_all(w, "svd", 2)
     assert np.allclose(evr, s[:2] ** 2 / (s**2).sum())
     ref = TruncatedSVD(n_components=2, algorithm="randomized", n_iter=10, random_state=0).fit(w)
     assert np.allclose(sk, ref.explained_variance_ratio_) and not np.allclose(evr, sk, atol=1e-3)
@@ -165,19 +169,19 @@ def test_svd_explained_variance_is_the_seeds():
     keys = [f"p{i}" for i in range(w.shape[0])]
     rows = [("", "default", "train", e, 0.0) for e in range(3)]
     rows += [(k, "fixed", "train", e, float(w[i, e])) for i, k in enumerate(keys) for e in range(3)]
-    h = as_dict(M.heuristics_table(M.Inputs(logprobs=logprob_table(rows), variants=("fixed",), n_components=2),
+    h = as_dict(F.heuristics_table(F.Inputs(logprobs=logprob_table(rows), variants=("fixed",), n_components=2),
                                    ["decomposition"]))
     assert close(h[("", "svd_point_fixed_evr1")], evr[0]) and close(h[("", "svd_point_fixed_sklearn_evr1")], sk[0])
-    assert close(h[("p0", "pca_point_fixed_pc1")], M.decompose(w, "pca", 1)[0][0, 0])
+    assert close(h[("p0", "pca_point_fixed_pc1")], G.decompose(w, "pca", 1)[0][0, 0])
 
 
 def test_rank1_reconstructions():
     wf = np.array([[3.0, 4.0], [6.0, 8.0]])
     wm = np.array([[4.0, 3.0], [0.0, 5.0]])
     v1 = np.array([0.6, 0.8])
-    f, m = M.rank1(wf, wm, "svd")  # scores on v1: fixed 5, 10; mix 4.8, 4.0
+    f, m = G.rank1(wf, wm, "svd")  # scores on v1: fixed 5, 10; mix 4.8, 4.0
     assert np.allclose(f, np.outer([5, 10], v1)) and np.allclose(m, np.outer([4.8, 4.0], v1))
-    f, m = M.rank1(wf, wm, "pca")  # centred on W_fixed's mean (4.5, 6): fixed -2.5, 2.5; mix -2.7, -3.5
+    f, m = G.rank1(wf, wm, "pca")  # centred on W_fixed's mean (4.5, 6): fixed -2.5, 2.5; mix -2.7, -3.5
     assert np.allclose(f, np.outer([-2.5, 2.5], v1)) and np.allclose(m, np.outer([-2.7, -3.5], v1))
     # On a rank-1 reconstruction the cosine is the sign of score_f * score_m (the seed's "binary").
     assert close(M.gap_heuristics(f[0], m[0])["cos_fixed_mix"], 1.0)
@@ -194,22 +198,22 @@ GROUPS = {"p0": "a", "p1": "b", "p2": "a", "p3": "n"}
 
 
 def test_angle_matrix_and_summaries():
-    a = M.angle_matrix(X)
+    a = G.angle_matrix(X)
     expected = np.array([[0, 90, 45, 180], [90, 0, 45, 90], [45, 45, 0, 135], [180, 90, 135, 0]])
     assert np.allclose(a, expected)
-    s = M.angle_summaries(a, KEYS, GROUPS, "n")
+    s = G.angle_summaries(a, KEYS, GROUPS, "n")
     assert set(s) == {"within_a", "cross_trait", "a_x_n", "b_x_n"}
     assert close(s["within_a"]["mean"], 45) and math.isnan(s["within_a"]["std"]) and s["within_a"]["n"] == 1
     assert close(s["cross_trait"]["mean"], 67.5) and close(s["cross_trait"]["std"], 22.5 * math.sqrt(2))
     assert close(s["a_x_n"]["mean"], 157.5) and close(s["a_x_n"]["std"], 22.5 * math.sqrt(2))
     assert close(s["b_x_n"]["mean"], 90)
-    to = M.angle_to_groups(a, KEYS, GROUPS)
+    to = G.angle_to_groups(a, KEYS, GROUPS)
     assert all(close(to["p0"][g], v) for g, v in {"a": 45.0, "b": 90.0, "n": 180.0}.items())
     assert close(to["p3"]["a"], 157.5) and math.isnan(to["p1"]["b"])  # p1 is b's only prompt
-    cen = M.angle_to_centroids(X, KEYS, GROUPS)
+    cen = G.angle_to_centroids(X, KEYS, GROUPS)
     assert close(cen["p1"]["a"], math.degrees(math.acos(0.5 / math.sqrt(1.25))))  # (0, 1) vs centroid (1, 0.5)
     assert close(cen["p0"]["a"], 45.0)  # p0's own row is left out of its group's centroid
-    zero = M.angle_matrix(np.array([[0.0, 0.0], [1.0, 0.0]]))
+    zero = G.angle_matrix(np.array([[0.0, 0.0], [1.0, 0.0]]))
     assert np.isnan(zero[0]).all() and zero[1, 1] == 0
 
 
@@ -247,7 +251,7 @@ def test_scalar_family_on_a_table():
     assert np.allclose(M.w_vector(d, "a"), w["a"][0])
     keys, mat = M.w_matrix(d, ["a", "b", "missing"])
     assert keys == ["a", "b"] and np.allclose(mat, [w["a"][0], w["b"][0]])
-    h = as_dict(M.heuristics_table(M.Inputs(logprobs=table, variants=("fixed", "mix")), ["scalar"]))
+    h = as_dict(F.heuristics_table(F.Inputs(logprobs=table, variants=("fixed", "mix")), ["scalar"]))
     assert close(h[("a", "ph_fixed")], 2 / 3) and close(h[("b", "ph_fixed")], 1.0)
     assert close(h[("a", "ppd_fixed")], 0.5) and close(h[("b", "ppd_fixed")], 1.0)
     assert close(h[("a", "gamma_fixed")], 2 / 3) and close(h[("b", "gamma_fixed")], 2 / 3)
@@ -260,11 +264,11 @@ def test_missing_values_are_nan_not_zero():
     rows = [r for r in zip(*(table.column(c).to_pylist() for c in ("prompt_key", "variant", "set", "example_id",
                                                                     "mean_logprob")))]
     rows = [(k, v, s, e, NAN if (k, v, s, e) == ("a", "fixed", "train", 0) else x) for k, v, s, e, x in rows]
-    h = as_dict(M.heuristics_table(M.Inputs(logprobs=logprob_table(rows)), ["scalar"]))
+    h = as_dict(F.heuristics_table(F.Inputs(logprobs=logprob_table(rows)), ["scalar"]))
     assert close(h[("a", "ph_fixed")], 0.5)  # (-1 + 2) / 2: the NaN example is left out
     # A prompt with no control rows has an undefined PPD.
     no_ctrl = logprob_table([r for r in rows if not (r[0] == "b" and r[2] == "control")])
-    assert math.isnan(as_dict(M.heuristics_table(M.Inputs(logprobs=no_ctrl), ["scalar"]))[("b", "ppd_fixed")])
+    assert math.isnan(as_dict(F.heuristics_table(F.Inputs(logprobs=no_ctrl), ["scalar"]))[("b", "ppd_fixed")])
 
 
 def test_cross_trait_on_another_completion_set():
@@ -273,35 +277,35 @@ def test_cross_trait_on_another_completion_set():
              ("a", "fixed", "french", 0, -3.0), ("a", "fixed", "french", 1, -3.0)]
     rows = list(zip(*(table.column(c).to_pylist() for c in ("prompt_key", "variant", "set", "example_id",
                                                              "mean_logprob")))) + extra
-    h = as_dict(M.heuristics_table(M.Inputs(logprobs=logprob_table(rows), variants=("fixed",)), ["cross"]))
+    h = as_dict(F.heuristics_table(F.Inputs(logprobs=logprob_table(rows), variants=("fixed",)), ["cross"]))
     assert close(h[("a", "ph_fixed@french")], 0.0) and close(h[("a", "ppd_fixed@french")], 1.0)
     assert math.isnan(h[("b", "ph_fixed@french")])  # b has no rows on that set
 
 
 def test_decomposition_gap_and_angle_families():
     table, w = toy_logprobs()
-    inp = M.Inputs(logprobs=table, groups={"a": "t1", "b": "t2"}, neutral="n", n_components=2,
+    inp = F.Inputs(logprobs=table, groups={"a": "t1", "b": "t2"}, neutral="n", n_components=2,
                    gap_fit={"both": ["a", "b"]})  # one rank-1 fitting set of both prompts
-    h = as_dict(M.heuristics_table(inp, ["decomposition", "gap", "angles"]))
+    h = as_dict(F.heuristics_table(inp, ["decomposition", "gap", "angles"]))
     wf = np.array([w["a"][0], w["b"][0]])
-    coords, _c, _evr = M.decompose(wf, "pca", 2)
+    coords, _c, _evr = G.decompose(wf, "pca", 2)
     assert close(h[("a", "pca_point_fixed_pc1")], coords[0, 0]) and close(h[("", "pca_point_fixed_evr1")], 1.0)
     assert math.isnan(h[("", "pca_point_fixed_evr2")])  # two prompts: one centred component
     assert math.isnan(h[("a", "pca_point_fixed_pc2")])
     assert ("a", "pca_token_fixed_pc1") not in h  # no token table given
     g = M.gap_heuristics(w["a"][0], w["a"][2])
     assert all(close(h[("a", f"gap_raw_{k}")], v) for k, v in g.items())
-    f1, m1 = M.rank1(wf, np.array([w["a"][2], w["b"][2]]), "svd")
+    f1, m1 = G.rank1(wf, np.array([w["a"][2], w["b"][2]]), "svd")
     assert close(h[("b", "gap_svd1_ph_ratio")], M.gap_heuristics(f1[1], m1[1])["ph_ratio"])
     assert close(h[("b", "gap_svd1_ph_ratio@fit_both")], h[("b", "gap_svd1_ph_ratio")])
     a, b = np.array(w["a"][0]), np.array(w["b"][0])
     angle = math.degrees(math.acos(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
     assert close(h[("", "angle_raw_point_fixed_cross_trait_mean")], angle, 1e-9)
     assert close(h[("a", "angle_raw_point_fixed_to_t2")], angle, 1e-9)
-    angles = M.angle_table(inp)
+    angles = F.angle_table(inp)
     assert angles.num_rows == 3 * 1 * 2 * 4  # (raw, pca2, svd2) x point x (fixed, mix) x 2 x 2 pairs
     with pytest.raises(ValueError, match="unknown metric families"):
-        M.heuristics_table(inp, ["nope"])
+        F.heuristics_table(inp, ["nope"])
 
 
 def test_token_wise_matrix():
@@ -328,7 +332,7 @@ def test_heuristic_performance_matches_prefix_types():
                      "value": [r[2] for r in hrows]})
     sup = pa.table({"prompt_key": keys * 2, "prefix_type": ["fixed"] * 4 + ["mix"] * 4,
                     "suppression": [10.0, 20.0, 30.0, 40.0, 10.0, 20.0, 30.0, 40.0]})
-    perf = M.heuristic_performance(heur, sup)
+    perf = P.heuristic_performance(heur, sup)
     cols = (perf.column(c).to_pylist() for c in ("metric", "prefix_type", "r", "n"))
     r = {(m, t): (rr, n) for m, t, rr, n in zip(*cols)}
     assert {m for m, _t in r} == {"ph_prefix", "selfperp_raw"}
@@ -336,9 +340,9 @@ def test_heuristic_performance_matches_prefix_types():
     x, y = [1, 2, 3, 4, 4, 3, 2, 1], [10, 20, 30, 40] * 2
     assert close(r[("ph_prefix", "all")][0], float(np.corrcoef(x, y)[0, 1])) and r[("ph_prefix", "all")][1] == 8
     assert math.isnan(r[("selfperp_raw", "all")][0])
-    assert M.metric_family("ph_mix@french") == ("ph_prefix@french", "mix")
-    assert M.metric_family("angle_raw_point_fixed_to_playful") == ("angle_raw_point_prefix_to_playful", "fixed")
-    assert M.metric_family("gap_raw_cos_fixed_mix") is None and M.metric_family("selfperp_raw") is None
+    assert P.metric_family("ph_mix@french") == ("ph_prefix@french", "mix")
+    assert P.metric_family("angle_raw_point_fixed_to_playful") == ("angle_raw_point_prefix_to_playful", "fixed")
+    assert P.metric_family("gap_raw_cos_fixed_mix") is None and P.metric_family("selfperp_raw") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +368,7 @@ def test_import_seed_perplexity_json(tmp_path):
     assert table.num_rows == 5 + (3 + 2 + 3) + (3 + 2) + 3
     assert table.column("logprob").null_count == table.num_rows  # the seed stores per-token means only
     assert seed_prompts(path) == {"a": "Answer in French.", "b": "The sky is blue.", "c": "Added later."}
-    h = as_dict(M.heuristics_table(M.Inputs(logprobs=table), ["scalar"]))
+    h = as_dict(F.heuristics_table(F.Inputs(logprobs=table), ["scalar"]))
     assert close(h[("a", "ph_fixed")], (0.5 + 1.0 - 0.5) / 3) and close(h[("a", "ppd_fixed")], 0.5)
     assert close(h[("a", "ph_mix")], 0.25)  # the null example is left out: (0 + 0.5) / 2
     assert close(h[("b", "ph_fixed")], 1 / 3) and close(h[("b", "ppd_fixed")], 0.0)
@@ -393,13 +397,13 @@ def test_gap_rank1_fitted_on_the_figures_prompts():
     rows += [(k, t, "train", e, float(x[k][e])) for k in keys for t, x in (("fixed", wf), ("mix", wm))
              for e in range(6)]
     table = logprob_table(rows)
-    inp = M.Inputs(logprobs=table, groups=keys, neutral="n")
-    assert M.gap_fit_sets(inp, list(keys)) == {"t1": ["p1", "p2", "p3", "n1", "n2"], "t2": ["f1", "f2", "f3", "n1", "n2"]}
-    h = as_dict(M.heuristics_table(inp, ["gap"]))
+    inp = F.Inputs(logprobs=table, groups=keys, neutral="n")
+    assert F.gap_fit_sets(inp, list(keys)) == {"t1": ["p1", "p2", "p3", "n1", "n2"], "t2": ["f1", "f2", "f3", "n1", "n2"]}
+    h = as_dict(F.heuristics_table(inp, ["gap"]))
     fig = ["p1", "p2", "p3", "n1", "n2"]
     for method in ("pca", "svd"):
-        f, m = M.rank1(np.array([wf[k] for k in fig]), np.array([wm[k] for k in fig]), method)
-        whole = M.rank1(np.array([wf[k] for k in keys]), np.array([wm[k] for k in keys]), method)
+        f, m = G.rank1(np.array([wf[k] for k in fig]), np.array([wm[k] for k in fig]), method)
+        whole = G.rank1(np.array([wf[k] for k in keys]), np.array([wm[k] for k in keys]), method)
         want = M.gap_heuristics(f[0], m[0])["ph_ratio"]
         assert close(h[("p1", f"gap_{method}1_ph_ratio")], want, 1e-9)
         assert not close(want, M.gap_heuristics(whole[0][0], whole[1][0])["ph_ratio"], 1e-6)  # all-prompt fit differs
@@ -410,12 +414,12 @@ def test_gap_rank1_fitted_on_the_figures_prompts():
         assert math.isnan(h[("n1", f"gap_{method}1_ph_ratio")])
     assert close(h[("p1", "gap_raw_ph_ratio")], M.gap_heuristics(wf["p1"], wm["p1"])["ph_ratio"])
     # An explicit fitting set overrides the default; no labels at all: every prompt.
-    h = as_dict(M.heuristics_table(M.Inputs(logprobs=table, groups=keys, neutral="n",
+    h = as_dict(F.heuristics_table(F.Inputs(logprobs=table, groups=keys, neutral="n",
                                             gap_fit={"pair": ["p1", "n1"]}), ["gap"]))
-    f, m = M.rank1(np.array([wf["p1"], wf["n1"]]), np.array([wm["p1"], wm["n1"]]), "svd")
+    f, m = G.rank1(np.array([wf["p1"], wf["n1"]]), np.array([wm["p1"], wm["n1"]]), "svd")
     assert close(h[("p1", "gap_svd1_ph_ratio")], M.gap_heuristics(f[0], m[0])["ph_ratio"], 1e-9)
     assert math.isnan(h[("p2", "gap_svd1_ph_ratio")])
-    assert M.gap_fit_sets(M.Inputs(logprobs=table), list(keys)) == {"all": list(keys)}
+    assert F.gap_fit_sets(F.Inputs(logprobs=table), list(keys)) == {"all": list(keys)}
 
 
 def test_import_cli_writes_the_stage_tables_with_the_experiments_groups(tmp_path, capsys, monkeypatch):

@@ -1,6 +1,6 @@
-"""Tests for raysweep.heuristics.logprobs and the stage: exact log-probs, shared default, Ray Data == plain."""
+"""Tests for raysweep.heuristics.logprobs and the stage: rows, shared default, cache, Ray Data == plain.
+The scoring kernel itself (batches, packing, exact log-probs) is tested in tests/test_scoring.py."""
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from raysweep.data import read_chat
+from raysweep.eval.scoring import score_sequences
 from raysweep.heuristics import logprobs as lp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def counting(model, **kw):
 
     def scorer(ids, labels):
         seen.extend(ids)
-        return lp.score_sequences(model, ids, labels, **kw)
+        return score_sequences(model, ids, labels, **kw)
 
     return scorer, seen
 
@@ -61,84 +62,6 @@ def test_encode_scores_only_the_last_answer(tiny):
     scored = tok.decode([y for y in labels if y != -100])
     assert scored.startswith("Au revoir") and "Hello" not in scored and scored.endswith("<|im_end|>")
     assert lp.encode_completion(tok, conv, max_len=10)[0] == ids[:10]
-
-
-def test_batches_respect_the_token_budget():
-    lengths = [5, 50, 7, 20, 20, 3, 120]
-    batches = lp.plan_batches(lengths, token_budget=60)
-    assert sorted(i for b in batches for i in b) == list(range(7))
-    assert batches[0] == [6]  # longer than the budget: alone, and first
-    for b in batches:
-        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 60
-    assert lp.common_prefix_len([[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 5]], limit=10) == 2
-    assert lp.common_prefix_len([[1, 2, 3], [1, 2, 3]], limit=1) == 1
-
-
-def test_packs_respect_the_capacity():
-    lengths = [5, 50, 7, 20, 20, 3, 120, 40]
-    rows = lp.plan_packs(lengths, capacity=60)
-    assert sorted(i for r in rows for i in r) == list(range(8))
-    assert rows[0] == [6]  # longer than a row: alone, and first
-    for r in rows[1:]:
-        assert sum(lengths[i] for i in r) <= 60
-    assert len(rows) == 4  # 120 | 50 3 5 | 40 7 | 20 20: the shortest fill the longest's row
-    with pytest.raises(ValueError, match="capacity"):
-        lp.plan_packs([1], 0)
-
-
-@pytest.mark.parametrize("share_prefix,budget,pack", [(True, 4096, False), (False, 4096, False), (True, 300, False),
-                                                      (True, 1, False), (True, 4096, True), (True, 300, True),
-                                                      (False, 300, True), (True, 1, True)])
-def test_logprobs_equal_full_logits_reference(tiny, share_prefix, budget, pack):
-    model, tok = tiny
-    rows = lp.build_rows(PROMPTS, {"train": CONVS}, pools=POOLS)
-    _keys, items = lp.encode_rows(tok, rows, "tiny")
-    ids, labels = zip(*items.values())
-    with pytest.warns(UserWarning, match="pack=True off CUDA") if pack else warnings.catch_warnings():
-        if not pack:
-            warnings.simplefilter("error")  # padded batches warn about nothing
-        fast = lp.score_sequences(model, list(ids), list(labels), token_budget=budget, share_prefix=share_prefix,
-                                  pack=pack)
-    assert model.config._attn_implementation == "sdpa"  # packing switches it only for the call
-    ref = reference(model, ids, labels)
-    for f, r, lab in zip(fast, ref, labels):
-        assert f.dtype == np.float64 and f.shape == r.shape == (sum(y != -100 for y in lab),)
-        assert np.abs(f - r).max() < 1e-5
-        assert abs(f.sum() - r.sum()) < 1e-5 * len(r)
-    assert lp.score_sequences(model, [[1, 2, 3]], [[-100, -100, -100]])[0].size == 0
-    with pytest.raises(ValueError, match="no context"):
-        lp.score_sequences(model, [[1, 2]], [[1, 2]])
-
-
-def test_packed_rows_document_mask():
-    """The mask rule of a packed row, as CUDA runs it (flex attention with a BlockMask) and as
-    CPU runs it (a dense boolean mask for SDPA): each token attends to the shared prefix and
-    its own document's earlier tokens, and both forms give the same attention output."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    docs = torch.tensor([-1, -1, -1, 0, 0, 1, 1, 1, 2, 3, 3])  # prefix of 3, four documents (3 = padding)
-    dense = lp.packed_mask(docs)[0, 0]
-    allowed = {(q, kv) for q in range(11) for kv in range(q + 1)
-               if docs[kv] < 0 or docs[kv] == docs[q]}
-    assert {(q, kv) for q, kv in zip(*torch.nonzero(dense).T.tolist())} == allowed
-    q, k, v = (torch.randn(1, 2, 11, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    block = create_block_mask(lp.doc_mask_mod(docs), B=None, H=None, Q_LEN=11, KV_LEN=11, device="cpu")
-    flex = flex_attention(q, k, v, block_mask=block)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-    assert torch.allclose(flex, sdpa, atol=1e-6)
-
-
-def test_packed_and_compiled_decoder(tiny):
-    """pack + compile: one row length, so torch.compile builds the decoder once; same numbers."""
-    model, tok = tiny
-    rows = lp.build_rows(PROMPTS, {"train": CONVS[:3]}, pools=POOLS)
-    _keys, items = lp.encode_rows(tok, rows, "tiny")
-    ids, labels = (list(x) for x in zip(*items.values()))
-    ref = lp.score_sequences(model, ids, labels)
-    for _ in range(2):  # the second call reuses the compiled decoder
-        with pytest.warns(UserWarning, match="meant for CUDA"):
-            out = lp.score_sequences(model, ids, labels, token_budget=512, pack=True, compile=True)
-        assert max(np.abs(a - b).max() for a, b in zip(out, ref)) < 1e-5
 
 
 def test_default_variant_is_computed_once_and_cached(tiny, tmp_path):
@@ -176,7 +99,7 @@ def test_selfperplexity_sequences(tiny):
     assert tok.decode(ids).startswith("<|im_start|>system")  # conditioned on the template's system block
     sys_ids, _sys_labels = lp.selfperp_sequences(tok, "Answer in French.", "system")["context"]
     assert tok.decode(sys_ids).startswith("<|im_start|>system\nAnswer in French.")
-    fast = lp.score_sequences(model, [ids, raw_ids], [labels, raw_labels])
+    fast = score_sequences(model, [ids, raw_ids], [labels, raw_labels])
     ref = reference(model, [ids, raw_ids], [labels, raw_labels])
     t = lp.selfperp_table(["a", "a"], ["context", "raw"], fast)
     assert np.allclose(t.column("nll_per_token").to_pylist(), [-ref[0].mean(), -ref[1].mean()], atol=1e-6)
@@ -186,7 +109,7 @@ def test_ray_data_pass_equals_plain(ray_local, tiny):
     model, tok = tiny
     rows = lp.build_rows(PROMPTS, {"train": CONVS[:3]}, pools=POOLS)
     _keys, items = lp.encode_rows(tok, rows, "tiny")
-    plain = lp.score_plain(items, lambda i, l: lp.score_sequences(model, i, l))
+    plain = lp.score_plain(items, lambda i, l: score_sequences(model, i, l))
     ray_out = lp.score_ray(items, backend="transformers", backend_kwargs={"model_name": "tiny-random"},
                            concurrency=2, batch_rows=4, num_cpus=1)
     assert set(ray_out) == set(items)

@@ -189,7 +189,8 @@ def test_intensity_sweep_runs_in_one_batched_pass(tiny, convs):
     assert [len(g) for g in coef_groups([*sweep, other])] == [3, 1]  # another vector: its own pass
 
     calls = []
-    hook = model.register_forward_hook(lambda m, a, o: calls.append(a))
+    # A pass runs the decoder (the scoring kernel applies the LM head): count its forwards.
+    hook = model.get_decoder().register_forward_hook(lambda m, a, o: calls.append(a))
     try:
         cos_b, loss_b = grad_cosine(model, tok, convs, sweep, compare, [1, 2], batch_size=9)
         passes_batched = len(calls)

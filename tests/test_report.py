@@ -1,6 +1,7 @@
 """The report CLI on hand-made run tables: charts as valid PNG + HTML, an index page that
 renders in a real headless Chromium with no console errors and no network, notes for
-charts whose tables are absent, and exit 2 on bad input.
+charts whose tables are absent, Hydra overrides (storage=... a local directory or an S3
+bucket on moto's server) and exit 2 on bad input, naming it.
 
 `write_run` builds a run directory in the real schemas (raysweep.tables.SCHEMAS; trials as
 run.gather writes them); test_analysis_docs.py reuses it.
@@ -20,10 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
+from pyarrow import fs as pafs
+from test_storage import endpoint, objects, read, s3  # noqa: F401 (fixtures: a moto S3 server, a bucket)
+from tiers import heavy
 
+from raysweep.report.__main__ import main
 from raysweep.tables import write_table, write_text
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ELICIT = {"trait_a": 60.0, "trait_b": 30.0, "trait_c": 45.0, "neutral": 0.0}  # step-0 training - default
 JITTER = {"trait_a": 3.0, "trait_b": -4.0, "trait_c": 5.0, "neutral": 1.0}  # so that fits have residuals
@@ -213,8 +217,16 @@ def assert_clean(path: Path, ready: bool, errors: list[str], urls: list[str], n_
 # --- tests ----------------------------------------------------------------------------
 
 
-def report(storage: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raysweep.report.page", *args], cwd=REPO, capture_output=True, text=True,
+def project(root: Path, *names: str) -> Path:
+    """A project directory whose experiments/ holds NAME.yaml (the defaults only) for each name."""
+    for name in names:
+        write_text(root / "experiments" / f"{name}.yaml", "defaults: [base, _self_]\n")
+    return root
+
+
+def report(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m raysweep.report ARGS` run in `cwd` (its experiments/ are the ones the CLI knows)."""
+    return subprocess.run([sys.executable, "-m", "raysweep.report", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
 
 
@@ -222,12 +234,16 @@ CHARTS = ["final_scores", "suppression", "elicitation_vs_suppression", "fixed_vs
           "heldout_logprob", "heuristics"]
 
 
+@heavy
 @pytest.fixture(scope="module")
 def small_report(tmp_path_factory):
-    """3 trials (control, fixed, mix), steps 0 and 8, 2 conditions, 6 questions, 8 loss steps, heuristics."""
+    """3 trials (control, fixed, mix), steps 0 and 8, 2 conditions, 6 questions, 8 loss steps, heuristics;
+    reported by the CLI with its storage overridden to a directory outside the project."""
     storage = tmp_path_factory.mktemp("runs")
     write_run(storage, "small", prompts=("trait_a",), heuristics=True)
-    proc = report(storage, "exp=small", f"storage={storage}")
+    cwd = project(tmp_path_factory.mktemp("project"), "small")
+    proc = report(cwd, "exp=small", f"storage={storage}")
+    assert not (cwd / "runs").exists()  # the default storage was not used
     return storage / "small" / "report", proc
 
 
@@ -306,13 +322,61 @@ def test_report_with_losses_only_notes_the_rest(tmp_path):
     assert index.read_text().count("skipped — needs scores.parquet") >= 5
 
 
+def test_bad_input_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    """Config errors (Hydra's, as every stage reports them), no experiment directory, no tables, no exp=."""
+    monkeypatch.chdir(project(tmp_path, "small", "empty"))
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+
+    def fails(*argv: str) -> str:
+        assert main(list(argv)) == 2
+        return capsys.readouterr().err
+
+    err = fails("exp=small", "nosuchkey=1")
+    assert "Could not override 'nosuchkey'" in err and "Key 'nosuchkey' not in 'ExperimentConfig'" in err
+    assert "seed" in fails("exp=small", "seed=many")  # a value of the wrong type names its key
+    assert "unknown experiment 'nope'" in fails("exp=nope")
+    assert "no experiment directory runs/small (run `python -m raysweep.run exp=small` first)" in fails("exp=small")
+    assert f"no experiment directory {tmp_path / 'elsewhere' / 'small'}" in fails("exp=small", f"storage={tmp_path / 'elsewhere'}")
+    assert "no tables with rows in runs/empty" in fails("exp=empty")
+    assert "usage: python -m raysweep.report exp=NAME [key=value ...]" in fails("experiment=empty")
+    assert not (tmp_path / "runs" / "empty" / "report").exists()
+
+
 @pytest.mark.integration
-def test_bad_input_exits_2(tmp_path):
-    p = report(tmp_path, "exp=nope", f"storage={tmp_path}")
-    assert p.returncode == 2 and "no experiment directory" in p.stderr
-    (tmp_path / "empty").mkdir()
-    p = report(tmp_path, "exp=empty", f"storage={tmp_path}")
-    assert p.returncode == 2 and "no tables" in p.stderr
-    p = report(tmp_path, "experiment=empty")
-    assert p.returncode == 2 and "usage" in p.stderr
-    assert not (tmp_path / "empty" / "report").exists()
+def test_the_module_exits_2_on_a_bad_key(tmp_path):
+    p = report(project(tmp_path, "small"), "exp=small", "report.out=x")
+    assert p.returncode == 2 and "Could not override 'report.out'" in p.stderr, p.stderr
+
+
+def test_report_of_a_run_on_s3(s3, tmp_path, monkeypatch, capsys):  # noqa: F811 (the s3 fixture)
+    """storage=s3://...: the tables are read from the bucket (the same tables as from a directory); the
+    report is drawn in the node's scratch mirror and uploaded beside them, replacing the earlier one."""
+    from raysweep.report.load import load_run
+
+    _, fs = s3
+    local = write_run(tmp_path / "local", "small", prompts=("trait_a",), heuristics=True)
+    pafs.copy_files(str(local), "bkt/runs/small", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    with fs.open_output_stream("bkt/runs/small/report/em_rate.html") as f:  # from an earlier report
+        f.write(b"a chart these tables do not support")
+    run, copy = load_run("s3://bkt/runs/small"), load_run(local)
+    for table in ("trials", "scores", "losses", "heldout", "heuristics"):
+        assert getattr(run, table).equals(getattr(copy, table)), table
+    assert run.name == "small" and run.description == copy.description != ""
+
+    monkeypatch.chdir(project(tmp_path / "project", "small", "gone"))
+    assert main(["exp=small", "storage=s3://bkt/runs"]) == 0
+    out = capsys.readouterr().out
+    assert "report: s3://bkt/runs/small/report/index.html" in out
+    assert set(objects(fs, "bkt/runs/small/report")) == \
+        {f"{c}.{ext}" for c in CHARTS for ext in ("html", "png")} | {"index.html", "vega-bundle.js"}
+    scratch = tmp_path / "scratch" / "report" / "s3" / "bkt" / "runs" / "small" / "report"  # $RAYSWEEP_SCRATCH/report/...
+    assert f"report: {scratch / 'index.html'}" in out
+    assert read(fs, "bkt/runs/small/report/index.html") == (scratch / "index.html").read_bytes()
+    assert "Emergent-misalignment rate: skipped" in (scratch / "index.html").read_text()
+    assert not (tmp_path / "project" / "runs").exists()
+
+    # An experiment the bucket does not hold, a bucket that does not exist: exit 2, naming the URI.
+    assert main(["exp=gone", "storage=s3://bkt/runs"]) == 2
+    assert "no experiment directory s3://bkt/runs/gone" in capsys.readouterr().err
+    assert main(["exp=small", "storage=s3://nobucket/runs"]) == 2
+    assert "s3://nobucket/runs/small" in capsys.readouterr().err

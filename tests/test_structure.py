@@ -16,8 +16,7 @@ PACKAGE = REPO / "raysweep"
 RAY_MODULE = "raysweep.sweep.ray_runner"
 MAX_LINES = 450
 # Over the limit today (lines): to be split by the redesign.
-TOO_LONG = {"raysweep.report.page": 931, "raysweep.heuristics.logprobs": 629, "raysweep.heuristics.metrics": 610,
-            "raysweep.analysis.stats": 524}
+TOO_LONG: dict[str, int] = {}
 
 
 def modules() -> dict[str, Path]:

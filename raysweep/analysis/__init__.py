@@ -1,41 +1,45 @@
-"""Analysis: the one statistics module (`stats.py`: per-question means keyed on trait, CIs,
-paired differences, and the Polars queries the report, the summary and the Tune metrics use)
-and `summary.py`, which lays them out. `from raysweep import analysis` gives the queries."""
+"""Analysis: the statistics kernel (`stats.py`: per-question means keyed on trait, CIs, paired
+differences: suppression, elicitation, fixed-vs-mix gap), the Polars queries built on it that
+the report, the summary and the Tune metrics use (`queries.py`: loading, behaviour matrix,
+summary table, step metrics, EM rate, fits, seeds) and `summary.py`, which lays the summary
+out. `from raysweep import analysis` gives them all."""
 
-from .stats import (
-    Z,
-    Frame,
-    TRIAL_COLUMNS,
+from .queries import (
+    SUMMARY_FLOATS,
+    across_seeds,
+    axes,
+    behaviour_matrix,
+    correlation,
+    em_rate,
     experiments,
+    fit_band,
+    fit_stats,
+    has_axis,
+    has_traits,
+    heuristic_join,
+    question_subsets,
     scan,
-    ci_agg,
-    with_bounds,
-    question_means,
-    with_trials,
+    step_metrics,
+    summary_table,
+)
+from .stats import (
+    TRIAL_COLUMNS,
+    Frame,
+    Z,
     at_final_step,
-    trait_scores,
-    gate_strength,
-    heldout_curve,
+    ci,
+    ci_agg,
     condition_diff,
     elicitation,
-    suppression,
-    behaviour_matrix,
-    question_subsets,
     fixed_mix_pairs,
     fixed_vs_mix_gap,
-    SUMMARY_FLOATS,
-    ci,
-    summary_table,
-    step_metrics,
-    em_rate,
-    has_traits,
-    correlation,
-    fit_stats,
-    fit_band,
-    heuristic_join,
-    axes,
-    across_seeds,
-    has_axis,
+    gate_strength,
+    heldout_curve,
+    question_means,
+    suppression,
+    trait_scores,
+    with_bounds,
+    with_trials,
 )
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The end-of-run summary: the printed table of `analysis.summary_table`.
 
 The numbers (per-trait scores with 95% CIs, elicitation, paired suppression vs the
-controls) are computed once, in `raysweep.analysis.stats` (`summary_table`, over
+controls) are computed once, in `raysweep.analysis.queries` (`summary_table`, over
 `trait_scores`, `elicitation`, `suppression`, `heldout_curve`); this module only lays
 them out: one block per trait, one line per trial.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from .stats import summary_table
+from .queries import summary_table
 
 
 def summarize(trials: pl.DataFrame, scores: pl.DataFrame, heldout: pl.DataFrame, neutral: str = "",

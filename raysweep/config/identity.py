@@ -11,12 +11,24 @@ from pathlib import Path
 from typing import Any
 
 from ..paths import data_root
+from .backend import vllm_available
 from .schema import RUN_ONLY_FIELDS, ExperimentConfig
 
 
-# eval settings that change how results are computed or fetched, never what: the backends
-# agree, and the judge's transport settings do not change its scores.
+# eval settings that change how results are computed or fetched, never what: the judge's
+# transport settings do not change its scores, and the backends agree on greedy answers and
+# logprobs (sampled answers: eval_backend).
 EVAL_RUN_ONLY = ("backend", "judge_api_key_env", "judge_concurrency", "judge_retries", "judge_timeout", "judge_cache")
+
+
+def eval_backend(cfg: ExperimentConfig) -> str:
+    """The eval backend as it decides the answers: "vllm" when eval.backend resolves to vLLM
+    and answers are sampled (vLLM's sampler draws other samples than transformers' from the
+    same seeds), else "" (greedy answers are the same on both, and so are logprobs within 1e-4).
+    `auto` resolves by what is installed, as config.backend.resolve_backend does."""
+    name = cfg.eval.backend
+    vllm = name == "vllm" or (name == "auto" and vllm_available())
+    return "vllm" if vllm and cfg.eval.temperature > 0 else ""
 
 
 def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -45,6 +57,8 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
                 d["eval"].pop(key)
     for key in EVAL_RUN_ONLY:  # how answers are computed or fetched, not what: ids unchanged
         d["eval"].pop(key)
+    if eval_backend(cfg):  # ... except vLLM's sampled answers: a trial of its own
+        d["eval"]["backend"] = eval_backend(cfg)
     d["train"].pop("keep_resume")  # what a finished trial keeps on disk, not what it computes: ids unchanged
     for key in ("judge_prompts", "judge_traits_dir"):  # "" = the project's own seed judge / the data root's traits
         if not d["eval"][key]:

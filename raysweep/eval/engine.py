@@ -1,13 +1,12 @@
 """One generation and logprob interface, two backends (`eval.backend`).
 
-A request is one row: a chat to answer (`messages`) or a token sequence to score
-(`input_ids` + `labels`), the PEFT adapter to apply ("" = the base model), and sampling
-settings. `Engine.run(requests)` returns one `Result` per request, in order: the reply
-text of a generation request, the per-token log-probabilities (float64) of a scoring one.
+`Engine.run(requests)` returns one `Result` per `Request` (worklist.py: the row type), in
+order: the reply text of a generation request, the per-token log-probabilities (float64) of
+a scoring one.
 
-- `transformers`: the batched reference path of generation.py, adapter by adapter (each
-  adapter is loaded onto the base model with peft, used, and unloaded). Forward hooks
-  (steering) work here: `run(..., context=...)` wraps every adapter's forward passes.
+- `transformers`: worklist.run_on_model (generation.py's batched reference path), adapter
+  by adapter (each adapter is loaded onto the base model with peft, used, and unloaded).
+  Forward hooks (steering) work here: `run(..., context=...)` wraps every adapter's forward passes.
 - `vllm`: one vLLM engine inside a Ray Data job (ray.data.llm) serves every row; the
   adapter is chosen per row (row-level LoRA, loaded on first use), so a whole sweep's
   checkpoints are one batch job. Scoring uses vLLM's `prompt_logprobs`. No hooks.
@@ -16,7 +15,8 @@ Both backends see the same token ids: the chat is rendered and tokenised here (a
 generation.generate), never by vLLM, and replies are cut at the same stop tokens and
 decoded by the same tokenizer. Greedy replies and log-probabilities therefore agree
 between the backends (tests/test_engine.py: fp32, logprobs within 1e-4). Sampled replies
-are seeded per row on vLLM and per batch on transformers, so they differ between backends.
+follow worklist.py's seeding rule on each backend, but the two samplers draw differently
+from the same seeds, so they differ between backends.
 """
 
 from __future__ import annotations
@@ -26,51 +26,18 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .generation import IGNORE, check_labels
+from .generation import row_seed
+from .scoring import IGNORE
+from .worklist import Request, Result, check_requests, run_on_model
 
 # LoRA ranks a vLLM engine can be sized for (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-@dataclass(frozen=True)
-class Request:
-    """One row: answer `messages`, or score `input_ids` where `labels` != -100."""
-
-    messages: list[dict] | None = None
-    input_ids: list[int] | None = None
-    labels: list[int] | None = None
-    adapter: str = ""  # PEFT adapter directory; "" = the base model
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
-
-    @property
-    def scores(self) -> bool:
-        return self.labels is not None
-
-
-@dataclass
-class Result:
-    text: str = ""  # reply of a generation request
-    logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per labelled token, of a scoring request
-
-
-def check_requests(requests: Sequence[Request]) -> None:
-    """Raise ValueError for a request that is neither a chat nor a labelled token sequence."""
-    for n, r in enumerate(requests):
-        if r.scores == (r.messages is not None) or r.scores != (r.input_ids is not None):
-            raise ValueError(f"request {n}: give messages (generate) or input_ids + labels (score), not both")
-        if r.temperature < 0:
-            raise ValueError(f"request {n}: temperature must be >= 0, got {r.temperature}")
-    scoring = [r for r in requests if r.scores]
-    check_labels([r.input_ids for r in scoring], [r.labels for r in scoring])
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -119,7 +86,7 @@ class TransformersEngine(Engine):
     ) -> list[Result]:
         """Results in request order. `context(model)` (e.g. steering hooks) is entered around each adapter's work."""
         check_requests(requests)
-        results = [Result() for _ in requests]
+        results: list[Result] = [Result() for _ in requests]
         by_adapter: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             by_adapter.setdefault(r.adapter, []).append(i)
@@ -127,7 +94,9 @@ class TransformersEngine(Engine):
             model = self._with_adapter(adapter)
             try:
                 with (context or (lambda m: nullcontext()))(model):
-                    self._run_one_model(model, [requests[i] for i in idx], [results[i] for i in idx])
+                    got = run_on_model(model, self.tokenizer, [requests[i] for i in idx], self.batch_size)
+                for i, result in zip(idx, got):
+                    results[i] = result
             finally:
                 if adapter:
                     model.unload()  # the base model without the adapter's layers, for the next one
@@ -139,29 +108,6 @@ class TransformersEngine(Engine):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(self.model, adapter).eval()
-
-    def _run_one_model(self, model, requests: list[Request], results: list[Result]) -> None:
-        import torch
-
-        from .generation import generate, token_logprobs
-
-        with torch.inference_mode():
-            scoring = [k for k, r in enumerate(requests) if r.scores]
-            if scoring:
-                lps = token_logprobs(model, [requests[k].input_ids for k in scoring],
-                                     [requests[k].labels for k in scoring], batch_size=self.batch_size)
-                for k, lp in zip(scoring, lps):
-                    results[k].logprobs = lp
-            groups: dict[tuple, list[int]] = {}
-            for k, r in enumerate(requests):
-                if not r.scores:  # greedy rows ignore the seed: one batch for all of them
-                    seed = r.seed if r.temperature > 0 else 0
-                    groups.setdefault((r.max_new_tokens, r.temperature, r.top_p, seed), []).append(k)
-            for (max_new, temperature, top_p, seed), ks in groups.items():
-                texts = generate(model, self.tokenizer, [requests[k].messages for k in ks], max_new_tokens=max_new,
-                                 temperature=temperature, top_p=top_p, seed=seed, batch_size=self.batch_size)
-                for k, text in zip(ks, texts):
-                    results[k].text = text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +203,7 @@ class VLLMEngine(Engine):
             "max_tokens": 1 if scores else r.max_new_tokens,
             "temperature": 0.0 if scores else float(r.temperature),
             "top_p": 1.0 if scores else float(r.top_p),
-            "seed": int(r.seed),
+            "seed": row_seed(r.seed, r.index) if r.group else int(r.seed),
             # Generated tokens are cut and decoded by the caller, as in generation.generate.
             "stop_token_ids": list(self.stop),
             "detokenize": False,

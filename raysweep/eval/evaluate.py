@@ -1,5 +1,4 @@
-"""The minimal evaluation run at checkpoints: answers to held-out questions under each
-condition, their trait scores, and the judge-free held-out trait logprob.
+"""One checkpoint's evaluation: the conditions, the in-trial run, and the eval tables' rows.
 
 Conditions (eval.conditions):
 - `default`: the question alone, so the chat template's default system prompt applies;
@@ -12,6 +11,11 @@ Conditions (eval.conditions):
   hooks: eval.reinject, else the trial's own defense.pps;
 - `system:<text>`: the question alone under the system prompt <text> (whitespace around
   it stripped).
+
+Each checkpoint's requests come from worklist.work_list (one list, one seeding rule). The
+in-trial path (`evaluate_step`) runs it on the model being trained, each condition under its
+hooks (`condition_hooks`); the post-sweep path (posteval.py) on an engine. Both turn the
+results into the completions, scores and heldout_logprob rows here (`step_tables`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
@@ -29,13 +33,9 @@ from ..errors import ConfigError
 from ..config.identity import vector_key
 from ..config.schema import ExperimentConfig, SteerConfig
 from ..data import Encoded, Messages
-from ..data.conversations import condition_conversations
 from ..train.defenses import Defense, load_vector, steer
 from .judges import Scorer
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
+from .worklist import HELDOUT, Result, WorkItem, by_name, run_on_model, work_list
 
 
 def _memo(cache: Path | None, key: Any, compute: Callable[[], Any]) -> Any:
@@ -83,6 +83,75 @@ def condition_hooks(condition: str, cfg: ExperimentConfig, defense: Defense, mod
     return steer(model, [(load_vector(s, model), s.layer, s.coef) for s in steering])
 
 
+def evaluate_step(
+    model, tokenizer, cfg: ExperimentConfig, trial_id: str, step: int, defense: Defense,
+    questions: list[str], heldout: list[Encoded], judges: dict[str, Scorer] | Scorer, cache: Path | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows for the completions, scores and heldout_logprob tables at one checkpoint, in-trial.
+
+    The work list runs on `model` as it is (worklist.run_on_model), each condition under its
+    hooks (condition_hooks). `judges` maps trait -> scorer (judges.make_judges: eval.trait,
+    plus coherence and alignment when eval.em is on); a single scorer scores eval.trait.
+
+    At step 0 the adapter is the identity (LoRA B = 0), so answers and held-out logprobs
+    are the base model's: with `cache`, each distinct set of messages (and steering) is
+    computed once per experiment and shared by every trial.
+    """
+    e = cfg.eval
+    judges = judges if isinstance(judges, dict) else {e.trait: judges}
+    base = {"model": cfg.model, "eval": e, "seed": cfg.seed}
+    if cfg.model.start:  # a starting model: named by its recipe or its adapter's content
+        from ..config.identity import start_key
+
+        base["start"] = start_key(cfg), cfg.starts
+    memo = cache if step == 0 else None  # step 0 is the base model: results depend only on the requests
+    items = work_list(cfg, questions, heldout, defense=defense)
+    results: dict[str, list[Result]] = {}
+    for name, group in by_name(items).items():
+        requests = [item.request for item in group]
+        if name == HELDOUT:
+            def logprobs(requests=requests) -> list[list[float]]:
+                return [r.logprobs.tolist() for r in run_on_model(model, tokenizer, requests, e.batch_size)]
+
+            lps = _memo(memo, {**base, "heldout": [r.input_ids for r in requests]}, logprobs)
+            results[name] = [Result(logprobs=np.asarray(lp, dtype=np.float64)) for lp in lps]
+            continue
+        with condition_hooks(name, cfg, defense, model):
+            def texts(requests=requests) -> list[str]:
+                return [r.text for r in run_on_model(model, tokenizer, requests, e.batch_size)]
+
+            key = {**base, "generate": [r.messages for r in requests], "steering": steering_key(name, cfg)}
+            results[name] = [Result(text=t) for t in _memo(memo, key, texts)]
+    return step_tables(trial_id, step, items, results, judges, questions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results -> the eval tables (both paths)
+
+
+def step_tables(
+    trial_id: str, step: int, items: Sequence[WorkItem], results: dict[str, list[Result]],
+    judges: dict[str, Scorer], questions: Sequence[str],
+) -> dict[str, list[dict[str, Any]]]:
+    """The completions, scores and heldout_logprob rows of one checkpoint's work list.
+
+    `results` maps each name of the work list (condition, HELDOUT) to its results, in work
+    list order. Shared by the in-trial evaluation and the post-sweep one (posteval.py).
+    """
+    tables: dict[str, list[dict[str, Any]]] = {"completions": [], "scores": [], "heldout_logprob": []}
+    for name, group in by_name(items).items():
+        got = results[name]
+        if len(got) != len(group):
+            raise ValueError(f"{name}: {len(got)} results for {len(group)} requests")
+        if name == HELDOUT:
+            tables["heldout_logprob"] = heldout_logprob_rows(trial_id, step, [r.logprobs for r in got])
+            continue
+        completions, scores = answer_rows(trial_id, step, group, [r.text for r in got], judges, questions)
+        tables["completions"] += completions
+        tables["scores"] += scores
+    return tables
+
+
 def score_rows(
     keys: list[dict[str, Any]], prompts: list[str], answers: list[str], judges: dict[str, Scorer],
 ) -> list[dict[str, Any]]:
@@ -97,90 +166,38 @@ def score_rows(
     return rows
 
 
-def evaluate_step(
-    model, tokenizer, cfg: ExperimentConfig, trial_id: str, step: int, defense: Defense,
-    questions: list[str], heldout: list[Encoded], judges: dict[str, Scorer] | Scorer, cache: Path | None = None,
-) -> dict[str, list[dict[str, Any]]]:
-    """Rows for the completions, scores and heldout_logprob tables at one checkpoint.
-
-    `judges` maps trait -> scorer (judges.make_judges: eval.trait, plus coherence and
-    alignment when eval.em is on); a single scorer scores eval.trait.
-
-    At step 0 the adapter is the identity (LoRA B = 0), so answers and held-out logprobs
-    are the base model's: with `cache`, each distinct set of messages (and steering) is
-    computed once per experiment and shared by every trial.
-    """
-    from .generation import generate, token_logprobs
-
-    e = cfg.eval
-    judges = judges if isinstance(judges, dict) else {e.trait: judges}
-    base = {"model": cfg.model, "eval": e, "seed": cfg.seed}
-    if cfg.model.start:  # a starting model: named by its recipe or its adapter's content
-        from ..config.identity import start_key
-
-        base["start"] = start_key(cfg), cfg.starts
-    completions, scores = [], []
-    for condition in e.conditions:
-        convs = condition_conversations(questions, condition, defense, cfg.seed, cfg)
-        rows = [(qid, s, c) for qid, c in enumerate(convs) for s in range(e.n_samples)]
-        with condition_hooks(condition, cfg, defense, model):
-            # The same seed for every trial and step: samples are paired across trials.
-            def sample() -> list[str]:
-                return generate(
-                    model, tokenizer, [c for _, _, c in rows], max_new_tokens=e.max_new_tokens,
-                    temperature=e.temperature, top_p=e.top_p, seed=_seed("sample", cfg.seed, condition),
-                    batch_size=e.batch_size,
-                )
-
-            # Step 0 is the base model: the answers depend only on the messages (and steering).
-            key = {**base, "generate": [c for _, _, c in rows], "steering": steering_key(condition, cfg)}
-            texts = _memo(cache if step == 0 else None, key, sample)
-        c_rows, s_rows = answer_rows(trial_id, step, condition, rows, texts, judges, questions)
-        completions.extend(c_rows)
-        scores.extend(s_rows)
-    heldout_rows = []
-    if e.heldout_logprob and heldout:
-        def logprobs() -> list[list[float]]:
-            ids, labels = [h.input_ids for h in heldout], [h.labels for h in heldout]
-            return [lp.tolist() for lp in token_logprobs(model, ids, labels, batch_size=e.batch_size)]
-
-        lps = _memo(cache if step == 0 else None, {**base, "heldout": [h.input_ids for h in heldout]}, logprobs)
-        heldout_rows = heldout_logprob_rows(trial_id, step, lps)
-    return {"completions": completions, "scores": scores, "heldout_logprob": heldout_rows}
-
-
-def judge_questions(questions: list[str], rows: list[tuple[int, int, Messages]]) -> list[str]:
-    """The question the judge is sent with each answer in `rows` = (question id, sample, messages).
+def judge_questions(questions: Sequence[str], items: Sequence[WorkItem]) -> list[str]:
+    """The question the judge is sent with each answer of `items`.
 
     It is the evaluation question as asked in the default condition (the raw text from the
     questions file), under every condition: the judge never sees an inoculation prompt, an
     added_back text or a system prompt, so all conditions are judged on the same question
     (seed 003: the judge receives the evaluation instruction alone). The single place both
-    the in-trial and the post-sweep (posteval.py) evaluation build the judge's question.
+    the in-trial and the post-sweep evaluation build the judge's question.
     """
-    return [questions[qid] for qid, _, _ in rows]
+    return [questions[item.question_id] for item in items]
 
 
 def answer_rows(
-    trial_id: str, step: int, condition: str, rows: list[tuple[int, int, Messages]], texts: list[str],
-    judges: dict[str, Scorer], questions: list[str],
+    trial_id: str, step: int, items: Sequence[WorkItem], texts: list[str], judges: dict[str, Scorer],
+    questions: Sequence[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(completions rows, scores rows) of the answers `texts` to `rows` = (question id, sample, messages).
+    """(completions rows, scores rows) of the answers `texts` to the generation rows `items`.
 
     `questions` are the raw questions the question ids index. The completions rows show the
     full prompt the model saw (IP text, system prompt and all); the judge gets the bare
-    question (judge_questions). Shared by the in-trial evaluation and the post-sweep one
-    (posteval.py).
+    question (judge_questions).
     """
-    prompts = [c[-1]["content"] if c[-1]["role"] == "user" else "" for _, _, c in rows]
-    system = [next((m["content"] for m in c if m["role"] == "system"), None) for _, _, c in rows]
-    keys = [{"trial_id": trial_id, "step": step, "condition": condition, "question_id": qid, "sample": sample}
-            for qid, sample, _ in rows]
+    messages: list[Messages] = [item.request.messages for item in items]
+    prompts = [c[-1]["content"] if c[-1]["role"] == "user" else "" for c in messages]
+    system = [next((m["content"] for m in c if m["role"] == "system"), None) for c in messages]
+    keys = [{"trial_id": trial_id, "step": step, "condition": item.condition, "question_id": item.question_id,
+             "sample": item.sample} for item in items]
     completions = []
     for key, prompt, sys_prompt, text in zip(keys, prompts, system, texts, strict=True):
         shown = prompt if sys_prompt is None else f"[system] {sys_prompt}\n{prompt}"
         completions.append({**key, "prompt": shown, "completion": text})
-    return completions, score_rows(keys, judge_questions(questions, rows), texts, judges)
+    return completions, score_rows(keys, judge_questions(questions, items), texts, judges)
 
 
 def heldout_logprob_rows(trial_id: str, step: int, lps) -> list[dict[str, Any]]:

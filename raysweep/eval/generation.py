@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE = -100  # label value for tokens that are not scored
-
 
 def _device(model):
     return next(model.parameters()).device
@@ -70,6 +68,12 @@ def _generation_config(max_new_tokens: int, temperature: float, top_p: float, st
     )
 
 
+def row_seed(seed: int, k: int) -> int:
+    """The seed of the k-th part of a sampling run seeded `seed`: batch k here (generate), row k
+    of a sampling group on vLLM (engine.py)."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
 def generate(
     model,
     tokenizer,
@@ -83,8 +87,9 @@ def generate(
 ) -> list[str]:
     """Reply text for each conversation; greedy when temperature == 0, else seeded sampling.
 
-    The RNG is reseeded per batch from (seed, batch index), so the same conversations with
-    the same seed and batch_size give the same replies; the caller's RNG is left untouched.
+    The RNG is reseeded per batch from (seed, batch index) (`row_seed`), so the same
+    conversations with the same seed and batch_size give the same replies; the caller's RNG
+    is left untouched.
     """
     import torch
 
@@ -106,7 +111,7 @@ def generate(
     replies: list[str] = [""] * len(prompts)
     with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for b, idx in enumerate(_batches([len(p) for p in prompts], batch_size)):
-            torch.manual_seed(int(np.random.SeedSequence([seed, b]).generate_state(1)[0]))
+            torch.manual_seed(row_seed(seed, b))
             ids, mask = _pad([prompts[i] for i in idx], pad_id, left=True)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
             for row, i in enumerate(idx):
@@ -116,55 +121,22 @@ def generate(
     return replies
 
 
-def check_labels(input_ids: list[list[int]], labels: list[list[int]]) -> None:
-    """Raise ValueError unless every sequence has one label per token and its first is unlabelled."""
-    if len(input_ids) != len(labels):
-        raise ValueError(f"{len(input_ids)} sequences but {len(labels)} label lists")
-    for n, (ids, lab) in enumerate(zip(input_ids, labels)):
-        if len(ids) != len(lab):
-            raise ValueError(f"sequence {n}: {len(ids)} tokens but {len(lab)} labels")
-        if lab and lab[0] != IGNORE:
-            raise ValueError(f"sequence {n}: the first token has no context to be predicted from")
-
-
 def token_logprobs(
     model, input_ids: list[list[int]], labels: list[list[int]], *, batch_size: int = 16
 ) -> list[np.ndarray]:
     """Log-probability (float64) of each token whose label != -100, in order, per sequence.
 
-    labels[t] is the token at position t, predicted from positions < t. The model is asked
-    (`logits_to_keep`) for logits only at positions that predict a labelled token, so
-    prompt positions never reach the vocabulary projection, and any logit post-processing
-    the architecture does (e.g. Gemma's soft-capping) is kept.
+    labels[t] is the token at position t, predicted from positions < t. The scoring kernel
+    does the work (`scoring.score_sequences`): `batch_size` sequences per forward, longest
+    first; only positions that predict a labelled token reach the LM head, and the
+    architecture's logit post-processing (e.g. Gemma's soft-capping) is kept. The numbers
+    are the ones recorded before the kernel (tests/test_golden.py), bit for bit: every row
+    runs its whole prefix and the label is read from torch.log_softmax.
     """
-    import torch
+    from .scoring import score_sequences
 
-    check_labels(input_ids, labels)
-    device = _device(model)
-    result = [np.zeros(0, dtype=np.float64) for _ in input_ids]
-    with torch.inference_mode():
-        for idx in _batches([len(s) for s in input_ids], batch_size):
-            idx = [i for i in idx if input_ids[i]]
-            # (position whose logits predict, target id) per sequence
-            targets = [[(t - 1, y) for t, y in enumerate(labels[i]) if y != IGNORE] for i in idx]
-            keep = sorted({p for row in targets for p, _ in row})
-            if not keep:
-                continue
-            # Right padding is harmless: causal attention never looks at later pad tokens.
-            ids, mask = _pad([input_ids[i] for i in idx], 0, left=False)
-            logits = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                logits_to_keep=torch.tensor(keep, device=device),
-                use_cache=False,
-            ).logits
-            column = {p: j for j, p in enumerate(keep)}
-            for row, (i, tg) in enumerate(zip(idx, targets)):
-                if not tg:
-                    continue
-                cols = torch.tensor([column[p] for p, _ in tg], device=device)
-                ys = torch.tensor([y for _, y in tg], device=device)
-                lp = torch.log_softmax(logits[row, cols].float(), dim=-1).gather(-1, ys[:, None])[:, 0]
-                result[i] = lp.double().cpu().numpy()
-            del logits  # free the batch's logits before the next forward
-    return result
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    longest = max((len(s) for s in input_ids), default=1)
+    return score_sequences(model, input_ids, labels, token_budget=batch_size * max(1, longest), max_rows=batch_size,
+                           share_prefix=False, torch_log_softmax=True)

@@ -188,23 +188,38 @@ def _prefix_tree(conts: list[list[int]]) -> tuple[dict[tuple[int, ...], int], li
 def candidate_logprobs(model, tokenizer, messages: Messages, candidates: Sequence[str]) -> np.ndarray:
     """log p(candidate + end of turn | judge prompt) for each candidate.
 
-    The prompt runs once. All candidates then continue from its KV cache in one batched
-    forward: their fed tokens, deduplicated into a prefix tree, form one sequence where each
-    token attends to the prompt and its own ancestors only (a 4D attention mask, position =
-    prompt length + depth), so the cache is never copied per candidate.
+    The prompt runs once through the model's decoder. All candidates then continue from its
+    KV cache in one forward: their fed tokens, deduplicated into a prefix tree, form one
+    sequence where each token attends to the prompt and its own ancestors only (a 4D
+    attention mask, position = prompt length + depth), so the cache is never copied per
+    candidate. The LM head and the log-softmax are the scoring kernel's
+    (`scoring.label_logprobs`, in float64), on the prompt's last position and the tree's
+    nodes only, each read at every token that follows it in some candidate.
     """
     import torch
+
+    from .scoring import decoder_and_head, label_logprobs
 
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     conts = [_continuation(tokenizer, messages, prompt, prompt_ids, c) for c in candidates]
     nodes, tokens, parents = _prefix_tree(conts)
+    decoder, head, post = decoder_and_head(model)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     n, p = len(tokens), len(prompt_ids)
+    # Token j of a candidate is predicted by the node of its prefix c[:j] (the first by the prompt):
+    # scored row 0 is the prompt's last position, row 1 + i is node i; reads[row]: token -> column.
+    reads: dict[int, dict[int, int]] = {r: {} for r in range(n + 1)}
+    for c in conts:
+        for j, y in enumerate(c):
+            row = reads[1 + nodes[tuple(c[:j])] if j else 0]
+            row.setdefault(y, len(row))
+    ys = torch.zeros((n + 1, max(map(len, reads.values()))), dtype=torch.long)  # unused columns read token 0
+    for r, cols in reads.items():
+        ys[r, list(cols.values())] = torch.tensor(list(cols), dtype=torch.long)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-        first = torch.log_softmax(out.logits[0, -1].double(), dim=-1).cpu()
-        tree_lp = torch.zeros((0, first.numel()), dtype=torch.float64)
+        out = decoder(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+        h = out.last_hidden_state[0, -1:]
         if n:
             allowed = torch.zeros((n, p + n), dtype=torch.bool)
             allowed[:, :p] = True
@@ -216,13 +231,17 @@ def candidate_logprobs(model, tokenizer, messages: Messages, candidates: Sequenc
                     depth[i] += 1
                     a = parents[a]
             mask = torch.zeros((1, 1, n, p + n), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-            logits = model(input_ids=torch.tensor([tokens], device=device), past_key_values=out.past_key_values,
+            tree = decoder(input_ids=torch.tensor([tokens], device=device), past_key_values=out.past_key_values,
                            attention_mask=mask.to(device),
-                           position_ids=torch.tensor([[p + d - 1 for d in depth]], device=device)).logits
-            tree_lp = torch.log_softmax(logits[0].double(), dim=-1).cpu()
-    # Token j of a candidate is predicted by the node of its prefix c[:j] (the first by the prompt).
-    return np.array([float(first[c[0]]) + sum(float(tree_lp[nodes[tuple(c[:j])], c[j]]) for j in range(1, len(c)))
-                     for c in conts])
+                           position_ids=torch.tensor([[p + d - 1 for d in depth]], device=device)).last_hidden_state
+            h = torch.cat([h, tree[0]])
+        lp = label_logprobs(head, post, h, ys.to(device), dtype=torch.float64).cpu()
+
+    def at(c: list[int], j: int) -> float:  # log p(c[j] | prompt, c[:j])
+        r = 1 + nodes[tuple(c[:j])] if j else 0
+        return float(lp[r, reads[r][c[j]]])
+
+    return np.array([at(c, 0) + sum(at(c, j) for j in range(1, len(c))) for c in conts])
 
 
 @lru_cache(maxsize=2)

@@ -2,7 +2,7 @@
 
 The model is the experiment's `model`, mix pools are `<data.rephrasings_dir>/<prompt key>.jsonl`,
 and `seed` picks the completions (first N after a seeded shuffle, as `data.n_train` does).
-This module imports nothing from raysweep at import time, so raysweep/config.py can
+This module imports nothing from raysweep at import time, so raysweep/config/schema.py can
 import HeuristicsConfig from it without a cycle.
 """
 
@@ -47,7 +47,7 @@ class HeuristicsConfig:
     batch_rows: int = 256  # sequences per actor call (packed into token-budget batches inside)
     cache: bool = True  # reuse scored sequences across runs (content hash, <storage>/<exp>/cache/)
     n_components: int = 3  # PCA / TruncatedSVD components reported
-    metrics: list[str] = field(default_factory=list)  # metric families (metrics.FAMILIES) to compute (empty = all)
+    metrics: list[str] = field(default_factory=list)  # metric families (families.FAMILIES) to compute (empty = all)
     suppression: str = ""  # table (prompt_key, prefix_type, suppression), .parquet or .csv: Exp 22 r table
 
 

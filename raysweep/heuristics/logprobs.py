@@ -14,8 +14,9 @@ assistant message, scored given everything before it. Variants:
 Every row is tokenised once; identical token sequences (same model, same ids and labels)
 are scored once, by content hash, within a pass and, through the optional cache, across
 runs. Scoring goes through a backend: a function (input_ids, labels) -> per-token
-log-probs (float64). `BACKENDS` holds the transformers one and the vLLM one (prompt_logprobs
-through ray.data.llm); they agree within 1e-4 per token in fp32. The transformers backend
+log-probs (float64). `BACKENDS` holds the transformers one (the scoring kernel,
+`eval.scoring.score_sequences`) and the vLLM one (prompt_logprobs through ray.data.llm);
+they agree within 1e-4 per token in fp32. The transformers backend
 runs in-process (`score_plain`) or inside a Ray Data actor pool (`score_ray`) with the same
 numbers; the vLLM backend is a Ray Data job of its own, started from the driver.
 """
@@ -24,10 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
-import weakref
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +33,9 @@ import numpy as np
 
 from ..data import Messages, assistant_spans
 from ..data.conversations import prompt_texts, with_prompts
-from ..eval.generation import check_labels
+from ..eval.scoring import IGNORE, score_sequences
 
-IGNORE = -100  # label of tokens that are not scored
 VARIANTS = ("default", "fixed", "mix")
-FLEX_BLOCK = 128  # flex attention's mask block size: packed rows are a multiple of it
 
 # (input_ids, labels) per sequence -> log-prob (float64) of each labelled token, in order.
 Scorer = Callable[[list[list[int]], list[list[int]]], list[np.ndarray]]
@@ -117,302 +113,7 @@ def encode_rows(tokenizer, rows: list[dict[str, Any]], model_id: str, max_len: i
 
 
 # ---------------------------------------------------------------------------------------------
-# The transformers backend: token-budget batches, shared prefixes, LM head on needed positions
-
-
-def plan_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Indices grouped longest first so that len(batch) * longest <= token_budget.
-
-    A sequence longer than the budget gets a batch of its own.
-    """
-    if token_budget < 1:
-        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= token_budget:
-            batches[-1].append(i)  # the batch's first index is its longest
-        else:
-            batches.append([i])
-    return batches
-
-
-def plan_packs(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices grouped into rows of at most `capacity` tokens in all, for packing.
-
-    Longest first; each row takes the longest sequence left, then the shortest ones while
-    they fit. A sequence longer than `capacity` gets a row of its own.
-    """
-    if capacity < 1:
-        raise ValueError(f"pack capacity must be >= 1, got {capacity}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    lo, hi = 0, len(order) - 1
-    while lo <= hi:
-        row, size = [order[lo]], lengths[order[lo]]
-        lo += 1
-        while lo <= hi and size + lengths[order[hi]] <= capacity:
-            row.append(order[hi])
-            size += lengths[order[hi]]
-            hi -= 1
-        rows.append(row)
-    return rows
-
-
-def common_prefix_len(seqs: list[list[int]], limit: int) -> int:
-    """Length of the longest token prefix shared by every sequence, at most `limit`."""
-    n = min(limit, *(len(s) for s in seqs))
-    first = seqs[0]
-    for p in range(n):
-        t = first[p]
-        if any(s[p] != t for s in seqs):
-            return p
-    return n
-
-
-def shared_prefix_len(seqs: list[list[int]], labs: list[list[int]]) -> int:
-    """Tokens at the head of every sequence that predict no label, worth running once (0 if < 4).
-
-    Bounded by the first position that predicts a labelled token, so every scored position
-    lies after the shared prefix.
-    """
-    if len(seqs) < 2:
-        return 0
-    first = min(next(t for t, y in enumerate(lab) if y != IGNORE) for lab in labs)
-    shared = common_prefix_len(seqs, limit=first - 1)
-    return shared if shared >= 4 else 0
-
-
-def _decoder_and_head(model):
-    """(decoder stack, LM head module, in-place logit post-processing of the architecture)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    scale = getattr(cfg, "logit_scale", None)  # Cohere multiplies the logits
-    divide = getattr(cfg, "logits_scaling", None)  # Granite divides them
-    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3 soft-cap them
-
-    def post(x):
-        if scale:
-            x.mul_(scale)
-        if divide:
-            x.div_(divide)
-        if cap:
-            x.div_(cap).tanh_().mul_(cap)
-        return x
-
-    return base.get_decoder(), base.get_output_embeddings(), post
-
-
-def _head_logprobs(head, post, h, ys, chunk: int, buf: dict):
-    """log p(y) = logit[y] - logsumexp(logits) in float32, `chunk` positions at a time.
-
-    A float32 linear head writes into one reused buffer and the log-sum-exp runs in place:
-    on CPU a fresh vocabulary-wide tensor per chunk costs as much as the matmul (page faults).
-    """
-    import torch
-
-    out = torch.empty(len(ys), dtype=torch.float64)
-    fast = isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
-    for c in range(0, len(ys), chunk):
-        hc, yc = h[c : c + chunk], ys[c : c + chunk]
-        if fast:
-            if "logits" not in buf:
-                buf["logits"] = torch.empty((chunk, head.weight.shape[0]), dtype=torch.float32, device=h.device)
-            lg = buf["logits"][: len(yc)]
-            torch.mm(hc, head.weight.t(), out=lg)
-            if head.bias is not None:
-                lg.add_(head.bias)
-        else:
-            lg = head(hc).float()
-        post(lg)
-        target = lg.gather(-1, yc[:, None])[:, 0]
-        top = lg.amax(dim=-1, keepdim=True)
-        lse = top[:, 0] + lg.sub_(top).exp_().sum(dim=-1).log()
-        out[c : c + len(yc)] = (target - lse).double().cpu()
-    return out
-
-
-def _score_batch(decoder, head, post, seqs, labs, *, head_chunk: int, share_prefix: bool, device, buf: dict):
-    import torch
-
-    targets = [[(t - 1, y) for t, y in enumerate(lab) if y != IGNORE] for lab in labs]
-    # Positions [0, shared) are the same tokens in every row and predict no label: computed once.
-    shared = shared_prefix_len(seqs, labs) if share_prefix else 0
-    width = max(len(s) for s in seqs)
-    # Right padding needs no attention mask: causal attention never looks at later positions.
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-    ids = ids.to(device)
-    if shared:
-        cache = decoder(input_ids=ids[:1, :shared], use_cache=True).past_key_values
-        cache.batch_repeat_interleave(len(seqs))
-        hidden = decoder(input_ids=ids[:, shared:], past_key_values=cache, use_cache=True).last_hidden_state
-        del cache
-    else:
-        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-    rows = torch.tensor([r for r, tg in enumerate(targets) for _ in tg], device=device)
-    cols = torch.tensor([p - shared for tg in targets for p, _ in tg], device=device)
-    ys = torch.tensor([y for tg in targets for _, y in tg], device=device)
-    h = hidden[rows, cols]  # only the positions that predict a labelled token reach the LM head
-    del hidden
-    out = _head_logprobs(head, post, h, ys, head_chunk, buf)
-    return list(torch.split(out, [len(tg) for tg in targets]))
-
-
-def doc_mask_mod(docs):
-    """Flex-attention mask_mod of a packed row: causal, and a token sees the shared prefix
-    (document -1) and its own document; `docs` is the document of each position."""
-
-    def mask_mod(b, h, q, kv):
-        return (kv <= q) & ((docs[kv] < 0) | (docs[q] == docs[kv]))
-
-    return mask_mod
-
-
-def packed_mask(docs):
-    """The attention mask of a packed row for the model's forward.
-
-    CUDA: a flex-attention BlockMask (the model runs flex attention, a fused kernel that
-    skips masked blocks). CPU: the same rule as a dense [1, 1, L, L] boolean mask for SDPA,
-    because inductor's CPU flex-attention template fails to build for some row lengths.
-    """
-    import torch
-
-    mask_mod = doc_mask_mod(docs)
-    width = len(docs)
-    if docs.device.type == "cuda":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=width, KV_LEN=width, device=docs.device)
-    idx = torch.arange(width, device=docs.device)
-    return mask_mod(0, 0, idx[:, None], idx[None, :])[None, None]
-
-
-def _score_packed(decoder, head, post, seqs, labs, *, shared: int, length: int, head_chunk: int, device,
-                  buf: dict):
-    """Score `seqs` packed into one row: [shared prefix][doc 0][doc 1]...[padding].
-
-    Each document keeps the position ids it has alone and sees only the shared prefix and
-    its own earlier tokens (`packed_mask`; padding sees only padding), so its log-probs
-    are those of its own forward.
-    """
-    import torch
-
-    ids, pos, doc, where, ys = list(seqs[0][:shared]), list(range(shared)), [-1] * shared, [], []
-    for d, (s, lab) in enumerate(zip(seqs, labs)):
-        start = len(ids) - shared  # packed index of the document's position p >= shared: start + p
-        ids += s[shared:]
-        pos += range(shared, len(s))
-        doc += [d] * (len(s) - shared)
-        for t, y in enumerate(lab):
-            if y != IGNORE:  # position t - 1 (>= shared) predicts token t
-                where.append(start + t - 1)
-                ys.append(y)
-    width = -(-max(length, len(ids)) // FLEX_BLOCK) * FLEX_BLOCK  # whole mask blocks: one shape per row length
-    pad = width - len(ids)
-    ids += [0] * pad
-    pos += range(pad)
-    doc += [len(seqs)] * pad
-    mask = packed_mask(torch.tensor(doc, device=device))
-    hidden = decoder(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
-                     attention_mask=mask, use_cache=False).last_hidden_state[0]
-    h = hidden[torch.tensor(where, device=device)]
-    del hidden, mask
-    out = _head_logprobs(head, post, h, torch.tensor(ys, device=device), head_chunk, buf)
-    return list(torch.split(out, [sum(y != IGNORE for y in lab) for lab in labs]))
-
-
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> its torch.compile'd module
-
-
-def _compiled(decoder):
-    import torch
-
-    if decoder not in _COMPILED:
-        _COMPILED[decoder] = torch.compile(decoder)
-    return _COMPILED[decoder]
-
-
-@contextmanager
-def _attention(model, implementation: str | None):
-    """Switch the model's attention implementation for the duration (None or the current one: leave it)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = base.config._attn_implementation
-    if implementation is None or implementation == before:
-        yield
-        return
-    try:
-        base.set_attn_implementation(implementation)
-    except (ValueError, ImportError) as e:
-        raise ValueError(f"pack=True on CUDA needs flex attention, which {type(base).__name__} does not "
-                         f"support here: {e}") from e
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(before)
-
-
-def score_sequences(
-    model,
-    input_ids: list[list[int]],
-    labels: list[list[int]],
-    *,
-    token_budget: int = 4096,
-    head_chunk: int = 1024,
-    share_prefix: bool = True,
-    pack: bool = False,
-    compile: bool = False,
-) -> list[np.ndarray]:
-    """Log-probability (float64) of each token whose label != -100, in order, per sequence.
-
-    labels[t] is the token at position t, predicted from positions < t. Sequences are
-    grouped longest first into batches of at most `token_budget` padded tokens; a batch's
-    common token prefix (the chat template's system block, at least) is run once and its
-    KV cache shared by the rows (`share_prefix`); only the hidden states that predict a
-    labelled token go through the LM head, `head_chunk` positions at a time, and the
-    log-softmax is logit[y] - logsumexp(logits) in float32, in place in a reused buffer.
-
-    `pack`: instead, sequences are packed without padding into rows of `token_budget`
-    tokens (the prefix common to all of them once per row) and attend through a document
-    mask (`packed_mask`: flex attention on CUDA, a dense mask for SDPA on CPU); every row
-    has the same length, so `compile` (the decoder through torch.compile) compiles once.
-    Meant for CUDA; on CPU it is exact but slower than padded batches (bench/NOTES.md).
-    """
-    import torch
-
-    check_labels(input_ids, labels)
-    result = [np.zeros(0, dtype=np.float64) for _ in input_ids]
-    todo = [i for i, lab in enumerate(labels) if any(y != IGNORE for y in lab)]
-    if not todo:
-        return result
-    decoder, head, post = _decoder_and_head(model)
-    forward = _compiled(decoder) if compile else decoder
-    device = next(model.parameters()).device
-    buf: dict = {}  # the LM head's logits buffer, reused by every batch
-    flex = pack and device.type == "cuda"
-    if pack and not flex:
-        warnings.warn("pack=True off CUDA is exact but slower than padded batches (a dense document mask, "
-                      "nothing skipped); it is meant for CUDA (bench/NOTES.md)", stacklevel=2)
-    with torch.inference_mode(), _attention(model, "flex_attention" if flex else "sdpa" if pack else None):
-        if pack:
-            seqs = [input_ids[i] for i in todo]
-            shared = shared_prefix_len(seqs, [labels[i] for i in todo]) if share_prefix else 0
-            groups = plan_packs([len(s) - shared for s in seqs], max(1, token_budget - shared))
-        else:
-            groups = plan_batches([len(input_ids[i]) for i in todo], token_budget)
-        for group in groups:
-            idx = [todo[b] for b in group]
-            seqs, labs = [input_ids[i] for i in idx], [labels[i] for i in idx]
-            if pack:
-                lps = _score_packed(forward, head, post, seqs, labs, shared=shared, length=token_budget,
-                                    head_chunk=head_chunk, device=device, buf=buf)
-            else:
-                lps = _score_batch(forward, head, post, seqs, labs, head_chunk=head_chunk,
-                                   share_prefix=share_prefix, device=device, buf=buf)
-            for i, lp in zip(idx, lps):
-                result[i] = lp.numpy()
-    return result
+# Backends: the transformers one (the scoring kernel, eval/scoring.py) and the vLLM one
 
 
 def transformers_backend(

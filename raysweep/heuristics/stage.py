@@ -209,7 +209,8 @@ def write_tables(out: Path, cfg, h: HeuristicsConfig, prompts: dict[str, str], l
     import pyarrow as pa
 
     from ..tables import write_table, write_text
-    from .metrics import Inputs, angle_table, heuristic_performance, heuristics_table
+    from .families import Inputs, angle_table, heuristics_table
+    from .performance import heuristic_performance
 
     inp = Inputs(logprobs=tables["logprobs"], token_logprobs=tables.get("token_logprobs"),
                  selfperp=tables.get("selfperp"), groups=labels, neutral=h.neutral, value=h.value,

@@ -4,7 +4,7 @@ The model is the experiment's `model`, prompt texts come from its `prompts`, jud
 `eval` settings (endpoint, rubrics). Vector names refer to `mech.vectors` plus the vectors the
 stage makes itself: the extracted persona vector (named by the trait), `<trait>_random`, and
 `ip_diff` (the prompt-induced activation difference).
-This module imports nothing from raysweep at import time (raysweep/config.py imports it).
+This module imports nothing from raysweep at import time (raysweep/config/schema.py imports it).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..data import Encoded, Messages, encode
 from ..data.conversations import prompt_texts, with_prompts
+from ..eval.scoring import decoder_and_head, label_logprobs
 
 SPANS = ("response", "all")
 
@@ -136,7 +137,6 @@ def run_pass(
     `batch_size` counts rows, copies included. Rows do not interact, so this equals K passes.
     """
     import torch
-    import torch.nn.functional as F
 
     from ..train.defenses import steer
     from ..train.step import Collator
@@ -147,6 +147,7 @@ def run_pass(
     k = len(conds)
     collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     device = next(model.parameters()).device
+    decoder, head, post = decoder_and_head(model)
     for seqs in _batches(len(encoded), max(1, batch_size // k)):
         idx = [i for _ in conds for i in seqs]  # copy c of the batch = rows c*len(seqs) ... (c+1)*len(seqs)-1
         which = [c for c in range(k) for _ in seqs]
@@ -158,10 +159,11 @@ def run_pass(
                        for j, (v, layer, _) in enumerate(conds[0].steer)]
         keep: dict[int, Any] = {}
         with steer(model, triples), _capture(model, layers, keep), torch.enable_grad() if grads else torch.no_grad():
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            hidden = decoder(input_ids=batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device)).last_hidden_state
             labels = batch["labels"][:, 1:].to(device)
-            ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
-            loss = ce.sum(1)  # [B]: summed per sequence; sequences do not interact (right padding, causal)
+            lp = label_logprobs(head, post, hidden[:, :-1], labels)  # the kernel's sequence layout: [B, T - 1]
+            loss = -lp.sum(1)  # [B]: next-token CE summed per sequence; rows do not interact (right padding, causal)
             g = torch.autograd.grad(loss.sum(), [keep[l] for l in layers]) if grads else [None] * len(layers)
         for row, i in enumerate(idx):
             n = len(encoded[i].input_ids)
@@ -176,7 +178,7 @@ def run_pass(
                 if acts:
                     rec.acts[l] = keep[l][row, :n].detach().float().cpu()
             yield rec
-        del keep, logits, g
+        del keep, hidden, lp, g
 
 
 def mean_over(t, positions, drop_zero: bool = False):

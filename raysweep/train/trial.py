@@ -146,7 +146,7 @@ def run_trial(
     import polars as pl
     import torch
 
-    from ..analysis.stats import step_metrics
+    from ..analysis.queries import step_metrics
     from ..data import encode, read_chat, read_questions, shuffled
     from .defenses import make_defense
     from ..config.backend import resolve_backend
