@@ -2,11 +2,7 @@
 
 - only the Ray module imports `ray`;
 - no module is over 450 lines;
-- no import cycle inside raysweep/ (imports inside functions count: they are dependencies too).
-
-The redesign into stage packages is under way: the modules still over the limit are listed
-below with what they are now. The list may only shrink: a listed module that grows, or a new
-module over the limit, fails, and so does a listed one that is no longer over (remove it)."""
+- no import cycle inside raysweep/ (imports inside functions count: they are dependencies too)."""
 
 import ast
 from pathlib import Path
@@ -15,8 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "raysweep"
 RAY_MODULE = "raysweep.sweep.ray_runner"
 MAX_LINES = 450
-# Over the limit today (lines): to be split by the redesign.
-TOO_LONG: dict[str, int] = {}
 
 
 def modules() -> dict[str, Path]:
@@ -102,13 +96,9 @@ def test_only_the_ray_module_imports_ray():
     assert users == {RAY_MODULE}
 
 
-def test_no_module_over_450_lines_but_the_listed_ones_which_only_shrink():
+def test_no_module_over_450_lines():
     sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
-    over = {name: n for name, n in sizes.items() if n > MAX_LINES}
-    assert set(over) <= set(TOO_LONG), f"new modules over {MAX_LINES} lines: {set(over) - set(TOO_LONG)}"
-    grown = {name: (n, TOO_LONG[name]) for name, n in over.items() if n > TOO_LONG[name]}
-    assert not grown, f"listed modules grew (now, listed): {grown}"
-    assert set(TOO_LONG) <= set(over), f"no longer over the limit, remove from TOO_LONG: {set(TOO_LONG) - set(over)}"
+    assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
 
 
 def test_no_import_cycle():
