@@ -42,8 +42,7 @@ def trial_fields(cfg: ExperimentConfig) -> dict[str, Any]:
         d["eval"]["extra_traits"] = {k: t["rubric"] for k, t in d["eval"]["extra_traits"].items()}  # it was trait -> rubric
     if d["defense"]["grad"]["mode"] == "none":  # unused: ids stay those of configs written before it existed
         d["defense"].pop("grad")
-    if d["model"]["name"].endswith(".gguf"):  # a model file: named by path and content, as vectors are
-        d["model"]["name"] = vector_key(d["model"]["name"])
+    d["model"]["name"] = model_key(d["model"]["name"])
     if not d["model"]["start"]:  # likewise for the base model as start
         d["model"].pop("start")
     else:
@@ -88,6 +87,12 @@ def start_key(cfg: ExperimentConfig) -> str:
     or an adapter directory with its content's digest, so a new file is a new trial."""
     start = cfg.model.start
     return start if not start or start in cfg.starts else f"{start}@{adapter_digest(start)}"
+
+
+def model_key(name: str) -> str:
+    """What names the study model: a GGUF file by its path and content digest (an edited file
+    is a new model), any other name (embedded, folder, hub id) as it is."""
+    return vector_key(name) if name.endswith(".gguf") else name
 
 
 def vector_key(path: str) -> str:

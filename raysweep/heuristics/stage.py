@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..config.identity import vector_key
+from ..config.identity import model_key
 from ..data import Messages, read_chat, read_pool, shuffled
 from .config import HeuristicsConfig, validate
 
@@ -175,7 +175,7 @@ def run_stage(cfg, h: HeuristicsConfig, out_dir: str | Path | None = None) -> di
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name))
     rows = lp.build_rows(prompts, sets, pools=pools, placement=h.placement, variants=h.variants)
-    model_id = f"{h.backend}:{vector_key(cfg.model.name) if cfg.model.name.endswith('.gguf') else cfg.model.name}:{cfg.model.dtype}"
+    model_id = f"{h.backend}:{model_key(cfg.model.name)}:{cfg.model.dtype}"
     keys, items = lp.encode_rows(tokenizer, rows, model_id, h.max_len)
     sp_rows = [(k, kind, seq) for k, text in prompts.items()
                for kind, seq in lp.selfperp_sequences(tokenizer, text, h.placement).items()]
