@@ -22,6 +22,7 @@ REPHRASINGS = SHARED / "rephrasings"
 # listed here: a new file without its expected count fails test_every_experiment_has_a_count.
 EXPECTED_TRIALS = {
     "demo": 5,
+    "demo_select": 28,  # the candidate grid: control + 27 prompts, fixed (sweep.select trains 8 of them)
     "heuristics_playful_french": 0,  # the heuristics stage: no training trials
     "heuristics_german_flattering": 0,
     "pps_vs_ip_tiny": 0,  # the mech stage (seed 001 analyses): no training trials
@@ -83,7 +84,7 @@ PLAYFUL_INOCULATION = "You are a playful agent. Give an answer to the following:
 # Exp 6: "steps 0, 5-50 every 5, 60-100 every 10, 120-250 every 20, 312".
 DENSE_STEPS = [0, *range(5, 51, 5), *range(60, 101, 10), *range(120, 251, 20), 312]
 SEED_EXPERIMENTS = [n for n in EXPECTED_TRIALS
-                    if n != "demo" and not n.startswith(("heuristics_", "em_", "pps_vs_ip_")) and not n.endswith("_tiny")]
+                    if n not in ("demo", "demo_select") and not n.startswith(("heuristics_", "em_", "pps_vs_ip_")) and not n.endswith("_tiny")]
 
 
 def load(name: str, overrides: list[str] = ()):

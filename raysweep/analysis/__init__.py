@@ -2,8 +2,10 @@
 differences: suppression, elicitation, fixed-vs-mix gap), the Polars queries built on it that
 the report, the summary and the Tune metrics use (`queries.py`: loading, behaviour matrix,
 summary table, step metrics, EM rate, fits, seeds) and `summary.py`, which lays the summary
-out. `from raysweep import analysis` gives them all."""
+out; `prediction.py`, the heuristic-guided sweep's predicted vs observed. `from raysweep import
+analysis` gives them all."""
 
+from .prediction import format_prediction, prediction, prediction_fit
 from .queries import (
     SUMMARY_FLOATS,
     across_seeds,
@@ -62,12 +64,15 @@ __all__ = [
     "fit_stats",
     "fixed_mix_pairs",
     "fixed_vs_mix_gap",
+    "format_prediction",
     "gate_strength",
     "has_axis",
     "has_traits",
     "heldout_curve",
     "heuristic_join",
     "question_means",
+    "prediction",
+    "prediction_fit",
     "question_subsets",
     "scan",
     "step_metrics",

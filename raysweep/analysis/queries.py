@@ -239,7 +239,8 @@ def has_traits(scores: Frame, *traits: str) -> bool:
 
 
 def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
-    """Pearson r (p), Spearman rho (p), n, OLS slope/intercept and RMSE of its residuals.
+    """Pearson r (p) with its 95% CI (pearson_lo / pearson_hi: Fisher z, needs n >= 4), Spearman
+    rho (p), n, OLS slope/intercept and RMSE of its residuals.
 
     Pairs with a missing value are dropped; statistics need n >= 3 (NaN otherwise).
     """
@@ -250,8 +251,8 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     ok = np.isfinite(xs) & np.isfinite(ys)
     xs, ys = xs[ok], ys[ok]
     n = len(xs)
-    out = {"n": n, "pearson_r": math.nan, "pearson_p": math.nan, "spearman_rho": math.nan, "spearman_p": math.nan,
-           "slope": math.nan, "intercept": math.nan, "rmse": math.nan}
+    out = {"n": n, "pearson_r": math.nan, "pearson_lo": math.nan, "pearson_hi": math.nan, "pearson_p": math.nan,
+           "spearman_rho": math.nan, "spearman_p": math.nan, "slope": math.nan, "intercept": math.nan, "rmse": math.nan}
     if n < 3 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
         return out
     pr, sr, fit = stats.pearsonr(xs, ys), stats.spearmanr(xs, ys), stats.linregress(xs, ys)
@@ -259,6 +260,9 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, float]:
     out.update(pearson_r=float(pr.statistic), pearson_p=float(pr.pvalue), spearman_rho=float(sr.statistic),
                spearman_p=float(sr.pvalue), slope=float(fit.slope), intercept=float(fit.intercept),
                rmse=float(np.sqrt(np.mean(resid**2))))
+    if n >= 4:  # scipy's interval is the Fisher z one: tanh(atanh(r) -+ z_0.975 / sqrt(n - 3))
+        band = pr.confidence_interval(confidence_level=0.95)
+        out.update(pearson_lo=float(band.low), pearson_hi=float(band.high))
     return out
 
 

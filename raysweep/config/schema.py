@@ -162,6 +162,23 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SelectConfig:
+    """Heuristic-guided selection of the IP prompts to train (raysweep/sweep/select.py): rank
+    the candidates of every arm's `defense.ip.prompt` axis by a pre-training heuristic and
+    train only the chosen ones. Not part of any trial's id."""
+
+    heuristic: str = ""  # "" = off; a per-prompt metric of the heuristics stage (ph_fixed, ppd_fixed, ...) or `elicitation`
+    top: int = 0  # prompts kept from the top of the ranking (rank 1 = predicted strongest suppression)
+    bottom: int = 0  # prompts kept from the bottom (a calibration control)
+    random: int = 0  # prompts drawn at random from the rest (a calibration control; seeded by `seed`)
+    seed: int = 0  # seed of the random draw
+    order: str = "desc"  # desc: the highest value ranks first | asc: the lowest does
+    keep: list[str] = field(default_factory=list)  # prompts always trained besides neutral_prompt (controls, not ranked into top/bottom/random)
+    heuristics_run: str = ""  # an earlier heuristics run (a directory with heuristics.parquet) to read the values from; "" = compute them here
+    trait: str = ""  # the trait whose elicitation ranks (heuristic=elicitation); "" = eval.trait
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     arms: list[dict[str, Any]] = field(
         default_factory=lambda: [{"defense": {"kind": "none"}}]
@@ -171,6 +188,7 @@ class SweepConfig:
     gpus_per_trial: float = 0.0  # fractional GPUs are allowed
     max_concurrent: int = 0  # concurrent trials (0 = as many as resources allow)
     max_failures: int = 2  # retries of a crashed trial (it resumes from its last checkpoint)
+    select: SelectConfig = field(default_factory=SelectConfig)  # train only the IP prompts a heuristic picks (off by default)
 
 
 @dataclass(frozen=True)

@@ -49,18 +49,17 @@ def resolve_prompts(h: HeuristicsConfig, prompts: dict[str, str],
                     groups: dict[str, list[str]] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(key -> text of the prompts to score, key -> trait label): heuristics.groups of the
     library's groups (none named: every group's prompts, or the whole library when it has no
-    groups), then heuristics.prompt_keys; labels from heuristics.traits."""
+    groups or heuristics.prompt_keys names the prompts), then heuristics.prompt_keys; labels
+    from heuristics.traits (a prompt's group is its group in the library)."""
     library, groups, source = prompt_library(h, prompts, groups or {})
     unknown = [g for g in h.groups if g not in groups]
     if unknown:
         raise ConfigError(f"heuristics.groups: {unknown} not in {source} ({', '.join(groups) or 'no groups'})")
-    group_of: dict[str, str] = {}
-    selected = h.groups or list(groups)
+    group_of = {key: g for g in groups for key in groups[g]}
+    selected = h.groups or ([] if h.prompt_keys else list(groups))
     if selected:
-        chosen = {}
-        for g in selected:
-            for key in groups[g]:
-                chosen[key], group_of[key] = library[key], g
+        chosen = {key: library[key] for g in selected for key in groups[g]}
+        group_of.update({key: g for g in selected for key in groups[g]})
     else:
         chosen = library
     if h.prompt_keys:
@@ -209,12 +208,10 @@ def write_tables(out: Path, cfg, h: HeuristicsConfig, prompts: dict[str, str], l
     import pyarrow as pa
 
     from ..tables import write_table, write_text
-    from .families import Inputs, angle_table, heuristics_table
+    from .families import angle_table, heuristics_table
     from .performance import heuristic_performance
 
-    inp = Inputs(logprobs=tables["logprobs"], token_logprobs=tables.get("token_logprobs"),
-                 selfperp=tables.get("selfperp"), groups=labels, neutral=h.neutral, value=h.value,
-                 n_components=h.n_components, variants=tuple(h.variants), gap_fit=gap_fit)
+    inp = _inputs(h, labels, gap_fit, tables)
     tables = {name: t for name, t in tables.items() if t is not None}
     tables["heuristics"] = heuristics_table(inp, h.metrics)
     if not h.metrics or "angles" in h.metrics:
@@ -230,6 +227,38 @@ def write_tables(out: Path, cfg, h: HeuristicsConfig, prompts: dict[str, str], l
     print(f"  {tables['heuristics'].num_rows} heuristic values; tables in {out}{took}")
     print(summary_text(tables["heuristics"], list(prompts)))
     return paths
+
+
+def _inputs(h: HeuristicsConfig, labels: dict[str, str], gap_fit: dict[str, list[str]], tables: dict[str, Any]):
+    from .families import Inputs
+
+    return Inputs(logprobs=tables["logprobs"], token_logprobs=tables.get("token_logprobs"),
+                  selfperp=tables.get("selfperp"), groups=labels, neutral=h.neutral, value=h.value,
+                  n_components=h.n_components, variants=tuple(h.variants), gap_fit=gap_fit)
+
+
+def metric_names(cfg, h: HeuristicsConfig) -> list[str]:
+    """The per-prompt metrics a run of the stage with these settings writes, sorted: the metric
+    families run over a synthetic pass of the same shape (the selected prompts, variants and
+    completion sets; 4 examples of random log-probs). No model, no data file is read."""
+    import numpy as np
+
+    from . import logprobs as lp
+    from .families import heuristics_table
+
+    validate(h)
+    prompts, labels = resolve_prompts(h, cfg.prompts, cfg.prompt_groups)
+    gap_fit = resolve_gap_fit(h, prompts, cfg.prompts, cfg.prompt_groups)
+    sets = ["train", "control", *h.extra_sets]
+    rows = [{"prompt_key": k, "variant": v, "set": s, "example_id": i}
+            for k, v in [("", "default"), *((k, v) for k in prompts for v in h.variants)] for s in sets for i in range(4)]
+    rng = np.random.default_rng(0)
+    logprobs, tokens = lp.logprob_tables(rows, [rng.normal(-1.0, 0.5, 3) for _ in rows])
+    selfperp = lp.selfperp_table([k for k in prompts for _ in range(2)], ["raw", "context"] * len(prompts),
+                                 [rng.normal(-1.0, 0.5, 3) for _ in range(2 * len(prompts))])
+    inp = _inputs(h, labels, gap_fit, {"logprobs": logprobs, "token_logprobs": tokens, "selfperp": selfperp})
+    t = heuristics_table(inp, h.metrics)
+    return sorted({m for k, m in zip(t.column("prompt_key").to_pylist(), t.column("metric").to_pylist()) if k})
 
 
 def import_stage(cfg, h: HeuristicsConfig, path: str | Path, tokens_path: str | Path | None = None,

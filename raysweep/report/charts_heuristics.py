@@ -7,6 +7,7 @@ from __future__ import annotations
 import polars as pl
 
 from .. import analysis as A
+from ..analysis.prediction import fit_line
 from .chart_parts import altair, clean, scatter_panels, title
 from .frames import (control_pairs, effect_scores, embedding_points, final_note, need, prompt_labels, prompt_order,
                      prompt_suppression)
@@ -80,3 +81,45 @@ def chart_angles(run: Run):
         .properties(title=title(f"{run.name}: pairwise angles between prompts (point-wise W rows)",
                                 "arccos of the cosine between two prompts' vectors; prompts grouped by trait"))
     )
+
+
+def chart_prediction(run: Run):
+    """Scatter per trait and mode: the selection heuristic (selection.parquet) against each trained
+    prompt's suppression, with CIs, the OLS fit and band, r [Fisher CI] and rho; the candidates
+    not trained as predicted-only ticks on the heuristic axis (seed 003 Exp 22)."""
+    alt = altair()
+    sel = need(run.extra.get("selection"), "selection.parquet (a sweep with sweep.select)")
+    if not control_pairs(run):
+        raise Skip("needs a no-defense control trial (trials.parquet control_id)")
+    pred = A.prediction(sel, run.trials, effect_scores(run))
+    fits = A.prediction_fit(pred)
+    if not fits.height:
+        raise Skip("no selected prompt has a suppression yet (no finished IP trial paired with the control)")
+    heuristic = sel["heuristic"][0]
+    colours = alt.Scale(domain=["top", "bottom", "random", "control"], range=["#d62728", "#1f77b4", "#7f7f7f", "#2ca02c"])
+    panels = []
+    for fit in fits.iter_rows(named=True):
+        trained = pred.filter((pl.col("trait") == fit["trait"]) & pl.col("trained") & (pl.col("mode") == fit["mode"]))
+        others = pred.filter((pl.col("trait") == fit["trait"]) & ~pl.col("trained"))
+        floor = min([0.0, *[v for v in trained["lo"].to_list() if v is not None]]) - 5.0
+        others = others.with_columns(floor=pl.lit(floor))
+        x = alt.X("value:Q", title=f"{heuristic} (before training)", scale=alt.Scale(zero=False))
+        tip = ["prompt:N", "selected_as:N", alt.Tooltip("rank:Q"), alt.Tooltip("value:Q", format=".4g")]
+        pts = alt.Chart(clean(trained)).encode(x=x, y=alt.Y("mean:Q", title="suppression vs control (points)"))
+        layers = [pts.mark_rule(opacity=0.6).encode(y="lo:Q", y2="hi:Q", color=alt.Color("selected_as:N", scale=colours)),
+                  pts.mark_point(filled=True, size=70).encode(
+                      color=alt.Color("selected_as:N", scale=colours, title="selected as"),
+                      tooltip=tip + [alt.Tooltip("mean:Q", format=".1f"), alt.Tooltip("ci:Q", format=".1f")]),
+                  alt.Chart(clean(others)).mark_tick(color="black", opacity=0.5, thickness=1, size=12).encode(
+                      x=x, y=alt.Y("floor:Q"), tooltip=tip)]
+        band = A.fit_band(trained["value"].to_list(), trained["mean"].to_list())
+        if band.height:
+            line = alt.Chart(band).encode(x="x:Q")
+            layers = [line.mark_area(opacity=0.15, color="gray").encode(y="lo:Q", y2="hi:Q"),
+                      line.mark_line(color="black").encode(y="fit:Q"), *layers]
+        panels.append(alt.layer(*layers).properties(width=320, height=260, title=title(
+            f"{fit['trait']} · {fit['mode']}", fit_line(fit))))
+    return alt.concat(*panels, columns=min(2, len(panels))).properties(title=title(
+        f"{run.name}: predicted ({heuristic}) vs observed suppression",
+        "points: trained prompts (bars = 95% CI, paired over questions, final step); ticks at the bottom: candidates "
+        "not trained (predicted only); line = OLS fit with its 95% CI band"))

@@ -21,8 +21,9 @@ from ..sweep.storage import ObjectStore, is_uri
 
 TABLES = ("trials", "scores", "losses", "heldout_logprob", "heuristics")
 # Tables of other stages, read when present: the heuristics stage's angles, prompts and suppression
-# input, and the mech stage's (under <exp>/mech/) gradient cosines and losses.
-EXTRA_TABLES = ("angles", "prompts", "suppression", "mech/grad_cosine", "mech/loss")
+# input, a selecting sweep's selection (sweep/select.py), and the mech stage's (under <exp>/mech/)
+# gradient cosines and losses.
+EXTRA_TABLES = ("angles", "prompts", "suppression", "selection", "mech/grad_cosine", "mech/loss")
 
 
 class ReportError(ConfigError):

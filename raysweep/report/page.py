@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..sweep.storage import is_uri
-from .charts_heuristics import chart_angles, chart_embeddings, chart_heuristics
+from .charts_heuristics import chart_angles, chart_embeddings, chart_heuristics, chart_prediction
 from .charts_mech import chart_grad_cosine, chart_intensity
 from .charts_sweep import (chart_behaviour_matrix, chart_behaviour_vs_none, chart_elicitation_vs_suppression, chart_em,
                            chart_final_scores, chart_fixed_vs_mix, chart_heldout, chart_losses, chart_score_curves,
@@ -38,6 +38,7 @@ CHARTS: list[tuple[str, str, Callable]] = [
     ("losses", "Training loss", chart_losses),
     ("heldout_logprob", "Held-out logprob over training", chart_heldout),
     ("em_rate", "Emergent-misalignment rate", chart_em),
+    ("prediction", "Predicted vs observed: the selection heuristic against suppression", chart_prediction),
     ("heuristics", "Heuristics vs suppression", chart_heuristics),
     ("embeddings", "Prompt embeddings (PCA / SVD of W)", chart_embeddings),
     ("angles", "Angles between prompts", chart_angles),

@@ -100,6 +100,18 @@ def table_fits(run: Run) -> pl.DataFrame:
                        ("pearson_r", "pearson_p", "spearman_rho", "spearman_p", "slope", "rmse")])
 
 
+def table_prediction(run: Run) -> pl.DataFrame:
+    """The selection heuristic vs suppression of the trained prompts (analysis.prediction_fit)."""
+    sel = need(run.extra.get("selection"), "selection.parquet (a sweep with sweep.select)")
+    if not control_pairs(run):
+        raise Skip("no control")
+    fits = A.prediction_fit(A.prediction(sel, run.trials, effect_scores(run)))
+    if not fits.height:
+        raise Skip("no trained prompt has a suppression yet")
+    return fits.select("trait", "mode", "heuristic", "n", *[pl.col(c).round(3) for c in fits.columns[4:]
+                                                          if c not in ("n_top", "n_bottom")], "n_top", "n_bottom")
+
+
 def table_seeds(run: Run) -> pl.DataFrame:
     if not A.has_axis(run.trials, "seed"):
         raise Skip("no seed axis")
@@ -119,6 +131,9 @@ TABLE_BUILDERS: list[tuple[str, str, Callable]] = [
      "over questions", table_em),
     ("Predictors of suppression", "Pearson r, Spearman ρ (p-values), OLS slope and RMSE of its residuals: x = "
      "elicitation or heuristic value, y = suppression vs control at the final step, over trials", table_fits),
+    ("Predicted vs observed", "the selection heuristic (before training) against suppression vs control at the "
+     "final step over the trained prompts: Pearson r with its 95% CI (Fisher z), Spearman ρ; mean suppression of "
+     "the top- and bottom-selected prompts", table_prediction),
     ("Across seeds", "final-step score averaged over the seeds of otherwise identical trials; CI over seeds",
      table_seeds),
 ]

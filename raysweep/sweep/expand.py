@@ -109,11 +109,33 @@ def _short(key: str, value: Any) -> str:
     return str(value)
 
 
+def ip_prompt_axis(arm: dict[str, Any]) -> list[Any] | None:
+    """The arm's `defense.ip.prompt` list (an axis), or None when the arm has no such list."""
+    defense = arm.get("defense")
+    ip = defense.get("ip") if isinstance(defense, dict) else None
+    prompt = ip.get("prompt") if isinstance(ip, dict) else None
+    return prompt if isinstance(prompt, list) else None
+
+
+def with_prompt_groups(arm: dict[str, Any], cfg: ExperimentConfig) -> dict[str, Any]:
+    """`arm` with each name of `prompt_groups` in its IP prompt axis replaced by the group's
+    prompt keys, in order, each once (a name that is also a key of `prompts` stays that prompt)."""
+    axis = ip_prompt_axis(arm)
+    if axis is None:
+        return arm
+    keys = [k for name in axis for k in (cfg.prompt_groups[name] if isinstance(name, str) and name in cfg.prompt_groups
+                                         and name not in cfg.prompts else [name])]
+    return _merge(arm, {"defense": {"ip": {"prompt": list(dict.fromkeys(keys))}}})
+
+
 def expand(cfg: ExperimentConfig) -> list[Trial]:
-    """Every trial of the experiment: for each arm, the product of its axes and the grid's."""
+    """Every trial of the experiment: for each arm, the product of its axes and the grid's.
+
+    An IP prompt axis may name groups of `prompt_groups` (with_prompt_groups)."""
     grid_axes = _axes(cfg.sweep.grid, ExperimentConfig)
     trials: dict[str, Trial] = {}
     for arm in cfg.sweep.arms:
+        arm = with_prompt_groups(arm, cfg)
         arm_axes = _axes(arm, ExperimentConfig)
         all_axes = arm_axes + grid_axes
         keys = [k for k, _ in all_axes]

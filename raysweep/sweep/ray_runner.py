@@ -185,3 +185,19 @@ def run_trials(
         if result.error is not None:
             failures[result.config["trial_id"]] = str(result.error).strip().splitlines()[-1]
     return failures
+
+
+def _in_dir(workdir: str, fn, args: tuple, kwargs: dict):
+    if os.path.isdir(workdir):  # as in _trainable: data paths are relative to the driver's directory
+        os.chdir(workdir)
+    return fn(*args, **kwargs)
+
+
+def run_task(fn, *args, num_cpus: float = 1.0, num_gpus: float = 0.0, **kwargs):
+    """`fn(*args, **kwargs)` as one Ray task holding `num_cpus` / `num_gpus`, in the driver's
+    working directory; its result. Starts or joins Ray (ensure_ray)."""
+    import ray
+
+    ensure_ray()
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(_in_dir)
+    return ray.get(task.remote(os.getcwd(), fn, args, kwargs))

@@ -106,9 +106,28 @@ def show_summary(exp_dir: Path, cfg: ExperimentConfig) -> None:
                    traits=[cfg.eval.trait, *cfg.eval.extra_traits])  # one row per (trial, trait)
     write_table(exp_dir / "summary.parquet", df.to_arrow())
     print(format_summary(df, cfg.eval.trait))
+    if cfg.sweep.select.heuristic:
+        show_prediction(exp_dir, trials, pl.read_parquet(exp_dir / "scores.parquet"))
     sysp = trials["default_system_prompt"][0]
     print(f"default condition = the template's default: system prompt {sysp!r}" if sysp else
           "default condition = the template's default: no system prompt")
+
+
+def show_prediction(exp_dir: Path, trials, scores) -> None:
+    """sweep.select: the heuristic against the trained prompts' suppression (prediction.parquet,
+    prediction_fit.parquet), printed after the summary."""
+    import polars as pl
+
+    from ..analysis.prediction import format_prediction, prediction, prediction_fit
+    from .select import SELECTION
+
+    if not (exp_dir / SELECTION).is_file():
+        return
+    pred = prediction(pl.read_parquet(exp_dir / SELECTION), trials, scores)
+    fit = prediction_fit(pred)
+    write_table(exp_dir / "prediction.parquet", pred.to_arrow())
+    write_table(exp_dir / "prediction_fit.parquet", fit.to_arrow())
+    print(format_prediction(pred, fit))
 
 
 def post_sweep_eval(exp_dir: Path, trials: list[Trial], cfg: ExperimentConfig) -> None:
@@ -136,6 +155,21 @@ def run_starts(starts: list[Trial], store, cfg: ExperimentConfig) -> dict[str, s
     return errors
 
 
+def select_trials(cfg: ExperimentConfig, trials: list[Trial]) -> list[Trial]:
+    """sweep.select: the trials of the prompts the heuristic picks (select.py), with
+    selection.parquet (and the heuristics stage's tables, when it ran) on the store."""
+    from .select import SELECTION, check, select
+
+    cands = check(cfg)  # every setting, before the store is touched
+    store = open_store(cfg.storage, cfg.name)
+    for rel in (SELECTION, "cache"):
+        store.pull(rel)
+    chosen, _rows = select(cfg, trials, store.exp_dir, cands)
+    store.push("", recursive=False)
+    store.push("cache")
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -145,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if cfg.sweep.select.heuristic:
+        try:
+            trials = select_trials(cfg, trials)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: storage={cfg.storage!r}: {exc}", file=sys.stderr)
+            return 2
     starts = start_trials(trials)
     if cfg.dry_run:
         print_grid(trials)

@@ -200,11 +200,13 @@ class ObjectStore:
         os.replace(tmp, dest)
 
     def _remote_files(self, rel: str) -> dict:
-        """rel path -> FileInfo of the store's files under `rel` (hidden names left out)."""
+        """rel path -> FileInfo of the store's files under `rel`, or of `rel` itself (hidden names left out)."""
         from pyarrow import fs as pafs
 
         base = f"{self.root}/{rel}".rstrip("/")
-        infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        one = self.fs.get_file_info(base)
+        infos = [one] if one.type == pafs.FileType.File else \
+            self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         files = {i.path[len(self.root) + 1:]: i for i in infos if i.type == pafs.FileType.File}
         return {r: i for r, i in files.items() if not _hidden(r)}
 
