@@ -18,6 +18,7 @@ from raysweep.sweep.expand import expand
 from raysweep.sweep.run import main
 from raysweep.sweep.select import candidates, check, rank, selected_config
 from raysweep.tables import write_table
+from test_storage import endpoint, s3  # noqa: F401 (fixtures: a moto S3 server, a bucket)
 from tiers import heavy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,6 +206,25 @@ def test_values_from_an_earlier_heuristics_run(project, tmp_path, capsys):
             check(cfg_of(project, f"sweep.select.heuristics_run={run}", f"sweep.select.heuristic={bad}"))
     with pytest.raises(ConfigError, match="heuristics_run: .*missing.*not found"):
         check(cfg_of(project, f"sweep.select.heuristics_run={tmp_path / 'missing'}"))
+
+
+def test_a_selection_on_s3_is_kept_in_the_bucket(s3, project, tmp_path, monkeypatch, capsys):  # noqa: F811
+    _, fs = s3
+    monkeypatch.setenv("RAYSWEEP_SCRATCH", str(tmp_path / "scratch"))
+    run = tmp_path / "heur"
+    write_table(run / "heuristics.parquet", [{"prompt_key": k, "metric": "ph_fixed", "value": float(i)}
+                                             for i, k in enumerate(PROMPTS)])
+    monkeypatch.chdir(project)
+    args = ["exp=sel", "storage=s3://bkt/runs", f"sweep.select.heuristics_run={run}", "dry_run=true"]
+    assert main(args) == 0
+    assert "selection by ph_fixed" in capsys.readouterr().out
+    with fs.open_input_file("bkt/runs/sel/selection.parquet") as f:
+        assert pl.read_parquet(f).height == len(PROMPTS)
+    import shutil
+
+    shutil.rmtree(tmp_path / "scratch")  # another machine: the selection comes from the bucket
+    assert main(args) == 0
+    assert "nothing recomputed" in capsys.readouterr().out
 
 
 # --- predicted vs observed (unit) ------------------------------------------------------
