@@ -57,7 +57,6 @@ def scatter_panels(df: pl.DataFrame, x: str, x_lo: str | None, x_hi: str | None,
         name = " · ".join(str(k) for k in key)
         stats = (f"r = {st['pearson_r']:+.2f}, ρ = {st['spearman_rho']:+.2f}, n = {st['n']}, RMSE = {st['rmse']:.1f}"
                  if not math.isnan(st["pearson_r"]) else f"n = {st['n']} (too few points or no spread for a fit)")
-        band = A.fit_band(g[x].to_list(), g["mean"].to_list())
         enc = {"x": alt.X(f"{x}:Q", title=x_title, scale=alt.Scale(zero=False)),
                "y": alt.Y("mean:Q", title=y_title, scale=alt.Scale(zero=False))}
         col = alt.value("#4c78a8")
@@ -68,12 +67,20 @@ def scatter_panels(df: pl.DataFrame, x: str, x_lo: str | None, x_hi: str | None,
         if x_lo and x_hi:
             layers.append(pts.mark_rule(opacity=0.6).encode(x=f"{x_lo}:Q", x2=f"{x_hi}:Q", color=col))
         layers.append(pts.mark_point(filled=True, size=60).encode(color=col, tooltip=tip))
-        if band.height:
-            line = alt.Chart(band).encode(x="x:Q")
-            layers = [line.mark_area(opacity=0.15, color="gray").encode(y="lo:Q", y2="hi:Q"),
-                      line.mark_line(color="black").encode(y="fit:Q"), *layers]
-        panels.append(alt.layer(*layers).properties(width=260, height=220, title=title(name, stats)))
+        panels.append(alt.layer(*fit_layers(g[x].to_list(), g["mean"].to_list()), *layers).properties(width=260, height=220, title=title(name, stats)))
     return alt.concat(*panels, columns=min(3, len(panels)))
+
+
+def fit_layers(x, y) -> list:
+    """The OLS line of y on x with the 95% CI band of its mean (analysis.fit_band), as two
+    layers to draw under a scatter; none when there is no fit."""
+    alt = altair()
+    band = A.fit_band(x, y)
+    if not band.height:
+        return []
+    line = alt.Chart(band).encode(x="x:Q")
+    return [line.mark_area(opacity=0.15, color="gray").encode(y="lo:Q", y2="hi:Q"),
+            line.mark_line(color="black").encode(y="fit:Q")]
 
 
 def matrix(alt, df: pl.DataFrame, value: str, legend: str, scheme: str, domain: list[float] | None, columns: list[str],

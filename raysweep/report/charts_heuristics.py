@@ -8,9 +8,9 @@ import polars as pl
 
 from .. import analysis as A
 from ..analysis.prediction import fit_line
-from .chart_parts import altair, clean, scatter_panels, title
-from .frames import (control_pairs, effect_scores, embedding_points, final_note, need, prompt_labels, prompt_order,
-                     prompt_suppression)
+from .chart_parts import altair, clean, fit_layers, scatter_panels, title
+from .frames import (control_pairs, effect_scores, embedding_points, final_note, need, prediction_frames, prompt_labels,
+                     prompt_order, prompt_suppression)
 from .load import Run, Skip
 
 
@@ -88,14 +88,8 @@ def chart_prediction(run: Run):
     prompt's suppression, with CIs, the OLS fit and band, r [Fisher CI] and rho; the candidates
     not trained as predicted-only ticks on the heuristic axis (seed 003 Exp 22)."""
     alt = altair()
-    sel = need(run.extra.get("selection"), "selection.parquet (a sweep with sweep.select)")
-    if not control_pairs(run):
-        raise Skip("needs a no-defense control trial (trials.parquet control_id)")
-    pred = A.prediction(sel, run.trials, effect_scores(run))
-    fits = A.prediction_fit(pred)
-    if not fits.height:
-        raise Skip("no selected prompt has a suppression yet (no finished IP trial paired with the control)")
-    heuristic = sel["heuristic"][0]
+    pred, fits = prediction_frames(run)
+    heuristic = fits["heuristic"][0]
     colours = alt.Scale(domain=["top", "bottom", "random", "control"], range=["#d62728", "#1f77b4", "#7f7f7f", "#2ca02c"])
     panels = []
     for fit in fits.iter_rows(named=True):
@@ -112,11 +106,7 @@ def chart_prediction(run: Run):
                       tooltip=tip + [alt.Tooltip("mean:Q", format=".1f"), alt.Tooltip("ci:Q", format=".1f")]),
                   alt.Chart(clean(others)).mark_tick(color="black", opacity=0.5, thickness=1, size=12).encode(
                       x=x, y=alt.Y("floor:Q"), tooltip=tip)]
-        band = A.fit_band(trained["value"].to_list(), trained["mean"].to_list())
-        if band.height:
-            line = alt.Chart(band).encode(x="x:Q")
-            layers = [line.mark_area(opacity=0.15, color="gray").encode(y="lo:Q", y2="hi:Q"),
-                      line.mark_line(color="black").encode(y="fit:Q"), *layers]
+        layers = fit_layers(trained["value"].to_list(), trained["mean"].to_list()) + layers
         panels.append(alt.layer(*layers).properties(width=320, height=260, title=title(
             f"{fit['trait']} · {fit['mode']}", fit_line(fit))))
     return alt.concat(*panels, columns=min(2, len(panels))).properties(title=title(

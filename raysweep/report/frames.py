@@ -158,3 +158,16 @@ def behaviour(run: Run) -> pl.DataFrame:
 def start_order(run: Run) -> list[str]:
     """Starting models in the order of the experiment's trials, the base model as "base"."""
     return [s or "base" for s in dict.fromkeys(run.trials["start"].to_list())]
+
+
+def prediction_frames(run: Run) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(analysis.prediction, analysis.prediction_fit) of a selecting sweep, or Skip: what the
+    predicted-vs-observed chart and table draw."""
+    sel = need(run.extra.get("selection"), "selection.parquet (a sweep with sweep.select)")
+    if not control_pairs(run):
+        raise Skip("needs a no-defense control trial (trials.parquet control_id)")
+    pred = A.prediction(sel, run.trials, effect_scores(run))
+    fits = A.prediction_fit(pred)
+    if not fits.height:
+        raise Skip("no selected prompt has a suppression yet (no finished IP trial paired with the control)")
+    return pred, fits

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import polars as pl
 
 from .. import analysis as A
-from .frames import CI_NOTE, control_pairs, effect_scores, final_gap, has_em, in_trial_order, need
+from .frames import CI_NOTE, control_pairs, effect_scores, final_gap, has_em, in_trial_order, need, prediction_frames
 from .load import Run, Skip
 
 
@@ -102,12 +102,7 @@ def table_fits(run: Run) -> pl.DataFrame:
 
 def table_prediction(run: Run) -> pl.DataFrame:
     """The selection heuristic vs suppression of the trained prompts (analysis.prediction_fit)."""
-    sel = need(run.extra.get("selection"), "selection.parquet (a sweep with sweep.select)")
-    if not control_pairs(run):
-        raise Skip("no control")
-    fits = A.prediction_fit(A.prediction(sel, run.trials, effect_scores(run)))
-    if not fits.height:
-        raise Skip("no trained prompt has a suppression yet")
+    _pred, fits = prediction_frames(run)
     return fits.select("trait", "mode", "heuristic", "n", *[pl.col(c).round(3) for c in fits.columns[4:]
                                                           if c not in ("n_top", "n_bottom")], "n_top", "n_bottom")
 

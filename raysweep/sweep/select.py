@@ -150,7 +150,7 @@ def rank(values: dict[str, float], cfg: ExperimentConfig, cands: list[str]) -> l
     pool = [p for p in ranked if p not in kept]
     chosen = dict.fromkeys(kept, "control")
     chosen.update(dict.fromkeys(pool[: s.top], "top"))
-    bottom = [p for p in pool[s.top:] if p not in chosen]
+    bottom = pool[s.top:]  # pool holds no control, and its first `top` are the top
     chosen.update(dict.fromkeys(bottom[len(bottom) - s.bottom:] if s.bottom else [], "bottom"))
     rest = [p for p in pool if p not in chosen]
     if len(rest) < s.random:
