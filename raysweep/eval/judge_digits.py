@@ -136,22 +136,22 @@ def read_numbers(endpoint, conversations: list[Messages], min_mass: float,
         return None
     if isinstance(found, str):
         return [(math.nan, found, "")] * len(conversations)
+    digit_ids, end = found  # the same for every conversation: one template
+    n = range(len(conversations))
     out: list[tuple[float, str, str] | None] = [None] * len(conversations)
-    ids = {i: found for i in range(len(conversations))}
     # prefix probability (log) per conversation; a prefix's end-of-turn logprob completes a candidate
-    prefix_lp: dict[int, dict[str, float]] = {i: {"": 0.0} for i in ids}
-    score_lp: dict[int, dict[str, float]] = {i: {} for i in ids}
-    unread: dict[int, float] = {i: 0.0 for i in ids}
-    level = {i: [""] for i in ids}
+    prefix_lp: dict[int, dict[str, float]] = {i: {"": 0.0} for i in n}
+    score_lp: dict[int, dict[str, float]] = {i: {} for i in n}
+    unread: dict[int, float] = {i: 0.0 for i in n}
+    level = {i: [""] for i in n}
     while any(level.values()):
         todo = [(i, p) for i, ps in level.items() for p in ps]
-        replies = chat_many(endpoint, [_continue_request(conversations[i], p, [*ids[i][0], ids[i][1]]) for i, p in todo],
+        replies = chat_many(endpoint, [_continue_request(conversations[i], p, [*digit_ids, end]) for i, p in todo],
                             desc=f"{desc} (digits)")
-        level = {i: [] for i in ids}
+        level = {i: [] for i in n}
         for (i, prefix), reply in zip(todo, replies):
             if out[i] is not None:
                 continue
-            digit_ids, end = ids[i]
             got = reply.error or _token_logprobs(reply.raw, [*digit_ids, end])
             if isinstance(got, str):
                 out[i] = (math.nan, got if not reply.error else f"judge call failed: {reply.error}", "")
@@ -166,7 +166,7 @@ def read_numbers(endpoint, conversations: list[Messages], min_mass: float,
                     level[i].append(child)
                 else:
                     unread[i] += math.exp(lp)
-    for i in ids:
+    for i in n:
         if out[i] is not None:
             continue
         logprobs = np.array([score_lp[i].get(s, -np.inf) for s in SCORES])
